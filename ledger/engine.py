@@ -33,9 +33,10 @@ def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int
     """Build the engines for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        write = create_async_engine(url)
+        # Every transaction ends in an explicit commit or rollback: skip the pool's extra one.
+        write = create_async_engine(url, pool_reset_on_return=None)
         _sqlite.configure(write, synchronous=sqlite_synchronous)
-        read = create_async_engine(url)
+        read = create_async_engine(url, pool_reset_on_return=None)
         _sqlite.configure(read, synchronous=sqlite_synchronous, readonly=True)
         return Engines(url=url, dialect="sqlite", write=write, read=read)
     if parsed.get_backend_name() == "postgresql":

@@ -1,0 +1,96 @@
+"""The ``@agent`` registry: which functions workers can run, by name.
+
+Imports nothing of Tether's but the worker's own modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from worker.errors import UnknownAgent
+from worker.retry import NO_RETRY, RetryPolicy
+
+AgentFn = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    fn: AgentFn
+    retry: RetryPolicy
+    input_adapter: TypeAdapter[Any] | None
+
+    def parse_input(self, raw: Any) -> Any:
+        return raw if self.input_adapter is None else self.input_adapter.validate_python(raw)
+
+
+_REGISTRY: dict[str, AgentSpec] = {}
+
+
+def agent(name: str, *, retry: RetryPolicy | None = None) -> Callable[[AgentFn], AgentFn]:
+    """Register ``async def fn(ctx, input)`` as the agent ``name``.
+
+    If ``input`` is annotated (a pydantic model, a dataclass, ``dict[str, int]`` …) the work
+    item's JSON input is validated into that type before the function runs. ``retry`` governs
+    whether an exception that escapes the function re-runs the work item (default: it fails).
+    """
+
+    def register(fn: AgentFn) -> AgentFn:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"agent {name!r} must be an async function")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.fn is not fn:
+            same = (existing.fn.__module__, existing.fn.__qualname__) == (
+                fn.__module__,
+                fn.__qualname__,
+            )
+            if not same:
+                raise ValueError(f"agent name {name!r} is already taken by {existing.fn!r}")
+        _REGISTRY[name] = AgentSpec(
+            name=name, fn=fn, retry=retry or NO_RETRY, input_adapter=_input_adapter(fn)
+        )
+        return fn
+
+    return register
+
+
+def _input_adapter(fn: AgentFn) -> TypeAdapter[Any] | None:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return None
+    hint = hints.get(params[1].name)
+    if hint is None or hint is Any:
+        return None
+    return TypeAdapter(hint)
+
+
+def get_agent(name: str) -> AgentSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownAgent(name, sorted(_REGISTRY)) from None
+
+
+def registered_agents() -> frozenset[str]:
+    return frozenset(_REGISTRY)
+
+
+def load_agent_modules(modules: Iterable[str]) -> frozenset[str]:
+    """Import each module so its ``@agent`` functions register; returns all agent names."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(f"cannot import agent module {module!r}: {exc}") from exc
+    return registered_agents()
