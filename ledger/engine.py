@@ -33,8 +33,12 @@ def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int
     """Build the engines for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        # Every transaction ends in an explicit commit or rollback: skip the pool's extra one.
-        write = create_async_engine(url, pool_reset_on_return=None)
+        # One writer connection per process: in-process writers queue for it instead of
+        # colliding on the file lock and sleeping in SQLite's busy handler. Every transaction
+        # ends in an explicit commit or rollback, so the pool's extra rollback is skipped.
+        write = create_async_engine(
+            url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+        )
         _sqlite.configure(write, synchronous=sqlite_synchronous)
         read = create_async_engine(url, pool_reset_on_return=None)
         _sqlite.configure(read, synchronous=sqlite_synchronous, readonly=True)

@@ -1,0 +1,58 @@
+"""The scheduler role: APScheduler interval jobs over the ledger (lease reaper)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerService:
+    """Runs the periodic jobs of one scheduler process until :meth:`stop`."""
+
+    def __init__(self, ledger: Ledger, *, reaper_interval: float = 2.0) -> None:
+        self.ledger = ledger
+        self.reaper_interval = reaper_interval
+        self._stopping = asyncio.Event()
+        self._scheduler: AsyncIOScheduler | None = None
+        self.reaped = 0
+
+    async def reap_expired_leases(self) -> None:
+        """Expired leases → queued (attempt + 1), failed (attempts spent), or the state an
+        operator asked for; each with its event in the history."""
+        try:
+            reaped = await self.ledger.reap_expired_leases()
+        except Exception as exc:  # the database may be briefly away; the next run retries
+            log.warning("lease reaper failed: %s", exc)
+            return
+        for work_id, state in reaped:
+            log.info("lease expired on work %s: now %s", work_id, state)
+        self.reaped += len(reaped)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self._scheduler = AsyncIOScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self.reap_expired_leases,
+            "interval",
+            seconds=self.reaper_interval,
+            id="lease-reaper",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        self._scheduler.start()
+        log.info("scheduler running: lease reaper every %.1fs", self.reaper_interval)
+        await self.reap_expired_leases()  # overdue work right away after a restart
+        try:
+            await self._stopping.wait()
+        finally:
+            self._scheduler.shutdown(wait=False)
+            log.info("scheduler stopped")

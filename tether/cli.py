@@ -1,0 +1,356 @@
+"""The ``tether`` command line: run the roles, migrate, and steer work through the operator API.
+
+Exit codes: 0 done; 1 the API refused (illegal action, bad request); 2 bad usage or settings;
+3 unknown id; 4 the gateway or database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import urllib.error
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Tether: durable agent work across chat channels.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations and retention.", no_args_is_help=True)
+work_app = typer.Typer(help="Inspect and steer work items (through the operator API).")
+app.add_typer(db_app, name="db")
+app.add_typer(work_app, name="work")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML settings file (or TETHER_CONFIG).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE = 1, 2, 3, 4
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        err.print(f"[bold red]tether: invalid settings[/]\n{exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _run(coro: Any) -> None:
+    from ledger import LedgerUnavailable
+
+    try:
+        asyncio.run(coro)
+    except LedgerUnavailable as exc:
+        err.print(f"[bold red]tether: the database is unreachable:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        err.print(f"[bold red]tether:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+# -- roles ------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (TETHER_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (TETHER_PORT).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Worker slots.")] = None,
+) -> None:
+    """Gateway + worker pool + scheduler in one process (SQLite ./tether.db by default)."""
+    from tether.roles import configure_logging, run_serve
+
+    settings = _settings(config, host=host, port=port)
+    configure_logging(settings.log_level)
+    _run(run_serve(settings, concurrency=concurrency))
+
+
+@app.command()
+def gateway(config: ConfigOpt = None) -> None:
+    """The HTTP gateway alone (channels, operator API, health)."""
+    from tether.roles import configure_logging, run_gateway
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    _run(run_gateway(settings))
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, max=1000, help="Work items run at once.")
+    ] = None,
+) -> None:
+    """A worker pool process: claims work and runs agents."""
+    from tether.roles import configure_logging, run_worker
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    _run(run_worker(settings, concurrency=concurrency))
+
+
+@app.command()
+def scheduler(config: ConfigOpt = None) -> None:
+    """A scheduler process: reaps expired leases (any number may run)."""
+    from tether.roles import configure_logging, run_scheduler
+
+    settings = _settings(config)
+    configure_logging(settings.log_level)
+    _run(run_scheduler(settings))
+
+
+# -- database ---------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply pending migrations (Alembic)."""
+    from ledger import Ledger
+    from ledger.migrate import current_revision
+
+    settings = _settings(config)
+
+    async def go() -> None:
+        led = await Ledger.open(settings.database_url, migrate=True)
+        rev = await current_revision(led.engines)
+        await led.close()
+        out.print(f"database is at revision {rev}")
+
+    _run(go())
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w``."""
+    m = _DURATION.match(text)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30d, 12h, 90m or 3600s")
+    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+
+
+@db_app.command("prune")
+def db_prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="e.g. 30d, 12h")],
+    config: ConfigOpt = None,
+    batch: Annotated[int, typer.Option(min=1, max=10_000, help="Items per transaction.")] = 500,
+) -> None:
+    """Delete finished work (with steps, waits, events) that finished before the cutoff."""
+    from ledger import Ledger
+
+    age = parse_duration(older_than)
+    settings = _settings(config)
+
+    async def go() -> None:
+        led = await Ledger.open(settings.database_url)
+        try:
+            n = await led.prune(age, batch=batch)
+        finally:
+            await led.close()
+        out.print(f"pruned {n} finished work item(s) older than {older_than}")
+
+    _run(go())
+
+
+# -- operator API client ------------------------------------------------------------------------
+
+
+class ApiClient:
+    def __init__(self, settings: Settings, url: str | None) -> None:
+        from config.token import read_operator_token
+
+        self.base = (url or f"http://{settings.host}:{settings.port}").rstrip("/")
+        token = read_operator_token(settings)
+        if not token:
+            err.print(
+                "tether: no operator token: set TETHER_OPERATOR_TOKEN or run `tether serve` "
+                f"once to create {settings.operator_token_file()}"
+            )
+            raise typer.Exit(EXIT_USAGE)
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read())
+                message = payload["error"]["message"]
+            except Exception:
+                message = f"HTTP {exc.code}"
+            err.print(f"tether: {message}", highlight=False)
+            code = {404: EXIT_NOT_FOUND, 401: EXIT_USAGE, 503: EXIT_UNREACHABLE}.get(
+                exc.code, EXIT_REFUSED
+            )
+            raise typer.Exit(code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            err.print(f"tether: cannot reach the gateway at {self.base}: {exc}")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="Gateway URL (default http://HOST:PORT).")
+]
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@work_app.command("ls")
+def work_ls(
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List work items, newest first, with counts by state."""
+    client = ApiClient(_settings(config), url)
+    query = (
+        f"?limit={limit}"
+        + (f"&state={state}" if state else "")
+        + (f"&agent={agent}" if agent else "")
+    )
+    data = client.call("GET", f"/api/v1/work{query}")
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("id", "agent", "state", "attempt", "updated", "reason")
+    for w in data["items"]:
+        table.add_row(
+            w["id"], w["agent"], w["state"], str(w["attempt"]), w["updated_at"][:19],
+            w.get("wait_reason") or w.get("state_reason") or "",
+        )  # fmt: skip
+    out.print(table)
+    out.print("  ".join(f"{k}: {v}" for k, v in data["counts"].items() if v))
+
+
+@work_app.command("show")
+def work_show(
+    work_id: str, config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
+    """One work item: state, lease, steps and history."""
+    client = ApiClient(_settings(config), url)
+    w = client.call("GET", f"/api/v1/work/{work_id}")
+    if as_json:
+        _print_json(w)
+        return
+    out.print(f"[bold]{w['id']}[/]  agent={w['agent']}  state=[bold]{w['state']}[/]")
+    out.print(f"attempt {w['attempt']}/{w['max_attempts']}  lease owner={w.get('lease_owner')}")
+    if w.get("wait_reason"):
+        out.print(f"waiting: {w['wait_reason']}")
+    if w.get("error"):
+        out.print(f"[red]error:[/] {w['error'].get('type')}: {w['error'].get('message')}")
+    if w.get("result") is not None:
+        out.print(f"result: {json.dumps(w['result'])[:500]}")
+    steps = Table("seq", "name", "status", "attempt", "finished")
+    for s in w.get("steps", []):
+        finished = (s.get("finished_at") or "")[:19]
+        steps.add_row(str(s["seq"]), s["name"], s["status"], str(s["attempt"]), finished)
+    out.print(steps)
+    events = Table("event", "at", "actor")
+    for e in w.get("events", [])[-20:]:
+        events.add_row(e["type"], e["created_at"][:23], e.get("actor") or "")
+    out.print(events)
+
+
+def _action(action: str) -> Any:
+    def command(
+        work_id: str, config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False
+    ) -> None:
+        client = ApiClient(_settings(config), url)
+        w = client.call("POST", f"/api/v1/work/{work_id}/{action}", {})
+        if as_json:
+            _print_json(w)
+        else:
+            pending = f" ({w['control']} requested)" if w.get("control") else ""
+            out.print(f"{w['id']}: {w['state']}{pending}")
+
+    command.__doc__ = f"{action.capitalize()} a work item."
+    return command
+
+
+for _name in ("pause", "resume", "retry", "cancel"):
+    work_app.command(_name)(_action(_name))
+
+
+@work_app.command("start")
+def work_start(
+    agent: str,
+    input: Annotated[str, typer.Option("--input", help="JSON input.")] = "null",
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start work for AGENT with a JSON input."""
+    try:
+        payload = json.loads(input)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--input is not JSON: {exc}") from None
+    client = ApiClient(_settings(config), url)
+    body: dict[str, Any] = {"agent": agent, "input": payload}
+    if idempotency_key:
+        body["idempotency_key"] = idempotency_key
+    w = client.call("POST", "/api/v1/work", body)
+    if as_json:
+        _print_json(w)
+    else:
+        out.print(f"{w['id']}: {w['state']}")
+
+
+@app.command("workers")
+def workers(config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Worker processes and when they were last seen."""
+    client = ApiClient(_settings(config), url)
+    data = client.call("GET", "/api/v1/workers")
+    items = data["items"] if isinstance(data, dict) else data
+    if as_json:
+        _print_json(items)
+        return
+    table = Table("id", "host", "pid", "state", "slots", "last seen")
+    for w in items:
+        table.add_row(
+            w["id"], w["host"], str(w["pid"]), w["state"], str(w["concurrency"]),
+            (w.get("last_seen_at") or "")[:19],
+        )  # fmt: skip
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

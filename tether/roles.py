@@ -1,0 +1,181 @@
+"""The process roles: gateway, worker pool, scheduler, and ``serve`` (all three in one process).
+
+The composition root: the one place that wires settings, ledger, gateway, worker and scheduler
+together. Each ``run_*`` runs until SIGINT/SIGTERM and then shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from config import Settings
+from config.token import load_or_create_operator_token
+from ledger import Ledger, LedgerUnavailable
+
+log = logging.getLogger("tether")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("alembic", "apscheduler", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _install_stop(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop)
+
+
+async def open_ledger(settings: Settings, *, migrate: bool) -> Ledger:
+    try:
+        return await Ledger.open(
+            settings.database_url,
+            migrate=migrate,
+            sqlite_synchronous=settings.sqlite_synchronous,
+        )
+    except LedgerUnavailable:
+        raise
+    except Exception as exc:
+        raise LedgerUnavailable(f"cannot open the ledger: {exc}") from exc
+
+
+def _load_agents(settings: Settings) -> frozenset[str]:
+    from worker import load_agent_modules
+
+    agents = load_agent_modules(settings.agent_modules)
+    if settings.default_agent not in agents:
+        raise SystemExit(
+            f"TETHER_DEFAULT_AGENT={settings.default_agent!r} is not among the loaded agents "
+            f"({', '.join(sorted(agents)) or 'none'}); check TETHER_AGENT_MODULES"
+        )
+    return agents
+
+
+async def _start_gateway(
+    ledger: Ledger, settings: Settings, agents: frozenset[str] | None
+) -> web.AppRunner:
+    from gateway import create_app
+
+    token, created = load_or_create_operator_token(settings)
+    app = create_app(ledger, settings, operator_token=token, known_agents=agents)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    print(f"Tether gateway listening on http://{settings.host}:{settings.port}", flush=True)
+    print(f"  operator API:  {settings.effective_public_url}/api/v1  (bearer token)", flush=True)
+    if created:
+        print(f"  operator token (shown once): {token}", flush=True)
+    if settings.operator_token is None:
+        print(f"  token file:    {settings.operator_token_file()}", flush=True)
+    return runner
+
+
+async def _run(parts: list[Callable[[], Awaitable[None]]], stops: list[Callable[[], None]]) -> None:
+    stopped = asyncio.Event()
+
+    def stop() -> None:
+        stopped.set()
+        for s in stops:
+            s()
+
+    _install_stop(stop)
+    tasks = [asyncio.create_task(p()) for p in parts]
+    waiter = asyncio.create_task(stopped.wait())
+    done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:  # a role ended on its own (an error): stop the others
+        stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    waiter.cancel()
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+async def run_serve(settings: Settings, *, concurrency: int | None = None) -> None:
+    """Gateway + worker pool + scheduler in one process (SQLite migrated on start)."""
+    from scheduler import SchedulerService
+    from worker import WorkerPool
+
+    agents = _load_agents(settings)
+    ledger = await open_ledger(settings, migrate=settings.is_sqlite)
+    pool = WorkerPool(
+        ledger,
+        concurrency=concurrency or settings.worker_concurrency,
+        lease_ttl=settings.lease_ttl,
+        poll_interval=settings.poll_interval,
+        agents=agents,
+    )
+    sched = SchedulerService(ledger, reaper_interval=settings.reaper_interval)
+    runner = await _start_gateway(ledger, settings, agents)
+    print(
+        f"  worker pool:   {pool.concurrency} slot(s), agents: {', '.join(sorted(agents))}",
+        flush=True,
+    )
+    print(f"  database:      {_safe_url(settings.database_url)}", flush=True)
+    try:
+        await _run([pool.run, sched.run], [pool.stop, sched.stop])
+    finally:
+        await runner.cleanup()
+        await ledger.close()
+
+
+async def run_gateway(settings: Settings) -> None:
+    agents = _load_agents(settings)
+    ledger = await open_ledger(settings, migrate=False)
+    runner = await _start_gateway(ledger, settings, agents)
+    stop_event = asyncio.Event()
+    try:
+        await _run([stop_event.wait], [stop_event.set])
+    finally:
+        await runner.cleanup()
+        await ledger.close()
+
+
+async def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
+    from worker import WorkerPool
+
+    agents = _load_agents(settings)
+    ledger = await open_ledger(settings, migrate=False)
+    pool = WorkerPool(
+        ledger,
+        concurrency=concurrency or settings.worker_concurrency,
+        lease_ttl=settings.lease_ttl,
+        poll_interval=settings.poll_interval,
+        agents=agents,
+    )
+    log.info("worker %s starting (database %s)", pool.worker_id, _safe_url(settings.database_url))
+    try:
+        await _run([pool.run], [pool.stop])
+    finally:
+        await ledger.close()
+
+
+async def run_scheduler(settings: Settings) -> None:
+    from scheduler import SchedulerService
+
+    ledger = await open_ledger(settings, migrate=False)
+    sched = SchedulerService(ledger, reaper_interval=settings.reaper_interval)
+    try:
+        await _run([sched.run], [sched.stop])
+    finally:
+        await ledger.close()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
