@@ -63,7 +63,11 @@ _STEP_COLUMNS = (
 _STEP_TYPES: dict[str, Any] = {
     "output": JSONType,
     "error": JSONType,
-    "progress": JSONType,
+    # SQL NULL, not JSON 'null', for "no progress reported", so the heartbeat upsert's
+    # COALESCE keeps the progress reported before
+    "progress": sa.JSON(none_as_null=True).with_variant(
+        pg_dialect.JSONB(none_as_null=True), "postgresql"
+    ),
     "started_at": step_t.c.started_at.type,
     "finished_at": step_t.c.finished_at.type,
     "last_heartbeat_at": step_t.c.last_heartbeat_at.type,
@@ -320,11 +324,16 @@ class Ledger:
         )
         if agents is not None:
             pick = pick.where(W.agent.in_(list(agents)))
+        picked: Any = pick.scalar_subquery()
         if self.dialect == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
+            # A materialized CTE locks its rows once. As an ``IN (subquery)`` the planner may
+            # rescan the pick per row (a semi join), and each rescan skips the rows this very
+            # statement already updated and locks ``limit`` more: every queued row got claimed.
+            cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+            picked = sa.select(cte.c.id)
         stmt = (
             sa.update(work_t)
-            .where(W.id.in_(pick.scalar_subquery()), W.state == WorkState.QUEUED.value)
+            .where(W.id.in_(picked), W.state == WorkState.QUEUED.value)
             .values(
                 state=WorkState.RUNNING.value,
                 lease_owner=owner,
@@ -489,6 +498,7 @@ class Ledger:
                 target, reason = WorkState.CANCELLED, "cancelled"
                 extra = {"finished_at": utcnow()}
             else:
+                await self._check_lease(conn, claim)  # a lost lease is the better answer
                 raise IllegalTransition(claim.work_id, "running", "paused", "no request pending")
             await self._fenced_transition(
                 conn, claim, target, reason, {"control": None, **extra, **self._RELEASE}
