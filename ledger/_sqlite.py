@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 BUSY_TIMEOUT_MS = 30_000
 
 
-def configure(engine: AsyncEngine, *, synchronous: str = "FULL", readonly: bool = False) -> None:
+def configure(engine: sa.Engine, *, synchronous: str = "FULL", readonly: bool = False) -> None:
     """WAL, busy timeout and foreign keys on every connection; writers take the lock at BEGIN.
 
     With the driver's own transaction handling switched off, SQLAlchemy's ``begin`` emits
@@ -21,7 +20,7 @@ def configure(engine: AsyncEngine, *, synchronous: str = "FULL", readonly: bool 
     lock upgrade ("database is locked") and claims are serialised.
     """
 
-    @sa.event.listens_for(engine.sync_engine, "connect")
+    @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
@@ -33,7 +32,7 @@ def configure(engine: AsyncEngine, *, synchronous: str = "FULL", readonly: bool 
 
     begin_sql = "BEGIN" if readonly else "BEGIN IMMEDIATE"
 
-    @sa.event.listens_for(engine.sync_engine, "begin")
+    @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql(begin_sql)
 

@@ -283,7 +283,7 @@ async def test_reap_honours_a_pending_control_request(
     assert (after.state, after.control, after.attempt, after.error) == (state, None, 1, None)
     assert after.lease_owner is None
     if state == "paused":
-        assert after.paused_from == "queued" and after.finished_at is None
+        assert after.paused_from == "running" and after.finished_at is None
     else:
         assert after.finished_at is not None
     requested = "pause_requested" if state == "paused" else "cancel_requested"

@@ -74,7 +74,7 @@ async def test_pause_of_running_work_is_a_request_the_worker_acknowledges(
     assert await ledger.acknowledge_control(claim) is WorkState.PAUSED
 
     paused = await ledger.get_work(claim.work_id)
-    assert (paused.state, paused.paused_from, paused.control) == ("paused", "queued", None)
+    assert (paused.state, paused.paused_from, paused.control) == ("paused", "running", None)
     assert paused.lease_owner is None and paused.lease_expires_at is None
     assert paused.finished_at is None
     assert await event_types(ledger, claim.work_id) == [
@@ -119,7 +119,9 @@ async def test_acknowledge_without_a_request_raises_and_keeps_running(ledger: Le
     assert await event_types(ledger, claim.work_id) == ["created", "claimed"]
 
 
-async def test_pause_of_waiting_work_resumes_to_waiting(ledger: Ledger) -> None:
+async def test_waiting_work_paused_and_resumed_runs_again(ledger: Ledger) -> None:
+    """Resume queues the item: its replay goes back to waiting if the wait is still open, or
+    carries on if it was resolved while paused (so a resume can never strand it)."""
     parent = await running(ledger)
     child_id = await ledger.spawn_child(parent, 1, "research", None, max_attempts=1)
     await ledger.suspend_for_child(parent, child_id)
@@ -128,7 +130,7 @@ async def test_pause_of_waiting_work_resumes_to_waiting(ledger: Ledger) -> None:
     assert (paused.state, paused.paused_from) == ("paused", "waiting")
 
     resumed = await ledger.resume_work(parent.work_id)
-    assert (resumed.state, resumed.wait_reason) == ("waiting", f"join {child_id}")
+    assert (resumed.state, resumed.wait_reason, resumed.paused_from) == ("queued", None, None)
     assert await event_types(ledger, parent.work_id) == [
         "created",
         "claimed",
@@ -259,3 +261,15 @@ async def test_an_action_on_an_unknown_id_raises_work_not_found(
 
     assert info.value.work_id == "no-such-work"
     assert await count(ledger, "event") == 0
+
+
+async def test_a_pending_cancel_is_not_downgraded_to_a_pause(ledger: Ledger) -> None:
+    claim = await running(ledger)
+    await ledger.cancel_work(claim.work_id, actor="alice")
+
+    with pytest.raises(IllegalTransition, match="cancel is already requested"):
+        await ledger.pause_work(claim.work_id, actor="bob")
+
+    work = await ledger.get_work(claim.work_id)
+    assert (work.state, work.control) == ("running", "cancel")
+    assert await ledger.acknowledge_control(claim) is WorkState.CANCELLED

@@ -185,17 +185,26 @@ async def test_heartbeats_update_progress_and_last_heartbeat(ledger: Ledger) -> 
     assert await count(ledger, "event") == events_before  # heartbeats are not transitions
 
 
-async def test_a_heartbeat_of_another_attempt_changes_nothing(ledger: Ledger) -> None:
+async def test_a_later_attempt_replaces_a_running_one_and_an_older_heartbeat_is_ignored(
+    ledger: Ledger,
+) -> None:
     claim = await claimed(ledger)
     started = utcnow()
     await ledger.record_step_running(claim, write(claim, 0, started_at=started, progress=1))
 
+    second = utcnow()
     await ledger.record_step_running(
-        claim, write(claim, 0, attempt=2, progress=2), heartbeat_at=utcnow()
+        claim, write(claim, 0, attempt=2, started_at=second, progress=2), heartbeat_at=second
     )
-
     [row] = await ledger.list_steps(claim.work_id)
-    assert (row.attempt, row.progress, row.last_heartbeat_at) == (1, 1, started)
+    assert (row.attempt, row.progress, row.started_at) == (2, 2, second)
+
+    # A late heartbeat from the interrupted first attempt changes nothing.
+    await ledger.record_step_running(
+        claim, write(claim, 0, attempt=1, started_at=started, progress=9), heartbeat_at=utcnow()
+    )
+    [row] = await ledger.list_steps(claim.work_id)
+    assert (row.attempt, row.progress, row.last_heartbeat_at) == (2, 2, second)
 
 
 async def test_a_heartbeat_timeout_is_recorded_as_its_own_event(ledger: Ledger) -> None:
@@ -240,3 +249,20 @@ async def test_steps_are_recorded_only_while_the_work_is_running(ledger: Ledger)
     assert await ledger.load_steps(claim.work_id) == {}
     assert await count(ledger, "step") == 0
     assert await count(ledger, "event") == events_before
+
+
+async def test_a_retry_after_a_failed_attempt_is_recorded_as_running(ledger: Ledger) -> None:
+    claim = await claimed(ledger)
+    first = utcnow()
+    await ledger.record_step(
+        claim,
+        write(claim, 0, started_at=first, status="failed", error={"type": "E", "message": "x"},
+              error_type="E", finished_at=utcnow()),
+    )  # fmt: skip
+    second = utcnow()
+    await ledger.record_step_running(claim, write(claim, 0, attempt=2, started_at=second))
+
+    [row] = await ledger.list_steps(claim.work_id)
+    assert (row.status, row.attempt, row.started_at, row.error) == ("running", 2, second, None)
+    types = [e.type for e in await ledger.list_events(claim.work_id)]
+    assert types[-2:] == ["step_failed", "step_started"]

@@ -1,0 +1,180 @@
+"""Step records: what already happened. Fenced on the lease epoch, one statement per record.
+
+Imported only by :mod:`ledger.ledger`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection
+
+from ledger._base import LedgerBase, W, check_lease
+from ledger.errors import IllegalTransition
+from ledger.records import Claim, StepRecord, StepWrite
+from ledger.schema import JSONType, step_t
+from ledger.states import WorkState
+
+S = step_t.c
+
+_COLUMNS = (
+    "work_id",
+    "seq",
+    "name",
+    "status",
+    "attempt",
+    "output",
+    "error",
+    "error_type",
+    "idempotency_key",
+    "started_at",
+    "finished_at",
+    "last_heartbeat_at",
+    "progress",
+)
+_TYPES: dict[str, Any] = {
+    "output": JSONType,
+    "error": JSONType,
+    # SQL NULL, not JSON 'null', for "no progress reported", so the heartbeat upsert's
+    # COALESCE keeps the progress reported before
+    "progress": sa.JSON(none_as_null=True).with_variant(
+        pg_dialect.JSONB(none_as_null=True), "postgresql"
+    ),
+    "started_at": S.started_at.type,
+    "finished_at": S.finished_at.type,
+    "last_heartbeat_at": S.last_heartbeat_at.type,
+}
+
+
+def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
+    """``INSERT … SELECT … FROM work WHERE <lease is ours> ON CONFLICT DO UPDATE``.
+
+    One statement records a step attempt only while the claim's epoch is current; a succeeded
+    record is never overwritten. Finishing statements overwrite a running or failed attempt.
+    Running statements start a new attempt over an older one, or refresh the heartbeat and
+    progress of the same running attempt (a late one never reopens a finished attempt).
+    """
+    insert = sqlite_dialect.insert if dialect == "sqlite" else pg_dialect.insert
+    values = [sa.bindparam(c, type_=_TYPES.get(c)).label(c) for c in _COLUMNS]
+    source = sa.select(*values).where(
+        W.id == sa.bindparam("work_id"),
+        W.lease_epoch == sa.bindparam("epoch"),
+        W.state == WorkState.RUNNING.value,
+    )
+    stmt = insert(step_t).from_select(list(_COLUMNS), source)
+    new = stmt.excluded
+    if finishing:
+        keep = ("work_id", "seq", "last_heartbeat_at", "progress")
+        set_ = {c: getattr(new, c) for c in _COLUMNS if c not in keep}
+        where = S.status != "succeeded"
+    else:
+        set_ = {
+            "name": new.name,
+            "status": new.status,
+            "attempt": new.attempt,
+            "error": sa.case((S.attempt == new.attempt, S.error), else_=None),
+            "error_type": sa.case((S.attempt == new.attempt, S.error_type), else_=None),
+            "started_at": new.started_at,
+            "finished_at": None,
+            "last_heartbeat_at": new.last_heartbeat_at,
+            "progress": sa.func.coalesce(new.progress, S.progress),
+        }
+        where = sa.and_(
+            S.status != "succeeded",
+            sa.or_(
+                S.attempt < new.attempt,
+                sa.and_(S.attempt == new.attempt, S.status == "running"),
+            ),
+        )
+    return stmt.on_conflict_do_update(
+        index_elements=["work_id", "seq"], set_=set_, where=where
+    ).returning(S.seq)
+
+
+class StepQueries(LedgerBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._record_finished = fenced_step_upsert(self.dialect, finishing=True)
+        self._record_running = fenced_step_upsert(self.dialect, finishing=False)
+
+    async def load_steps(self, work_id: str) -> dict[int, StepRecord]:
+        """The recorded steps of a work item, for replay."""
+        q = sa.select(S.seq, S.name, S.status, S.attempt, S.output, S.error).where(
+            S.work_id == work_id
+        )
+        async with self._read() as conn:
+            return {
+                r.seq: StepRecord(r.seq, r.name, r.status, r.attempt, r.output, r.error)
+                for r in await conn.execute(q)
+            }
+
+    @staticmethod
+    def _step_params(claim: Claim, w: StepWrite) -> dict[str, Any]:
+        return {
+            "work_id": claim.work_id,
+            "epoch": claim.epoch,
+            "seq": w.seq,
+            "name": w.name,
+            "status": w.status,
+            "attempt": w.attempt,
+            "output": w.output,
+            "error": w.error,
+            "error_type": w.error_type,
+            "idempotency_key": w.idempotency_key,
+            "started_at": w.started_at,
+            "finished_at": w.finished_at,
+            "last_heartbeat_at": w.started_at if w.status == "running" else None,
+            "progress": w.progress,
+        }
+
+    async def record_step(self, claim: Claim, write: StepWrite) -> None:
+        """Record a finished step attempt (succeeded or failed) in one fenced statement."""
+        params = self._step_params(claim, write)
+        stmt = self._record_finished
+
+        def tx(conn: Connection) -> None:
+            if conn.execute(stmt, params).first() is None:
+                check_lease(conn, claim)
+                raise IllegalTransition(
+                    claim.work_id, "running", "step recorded", f"step {write.seq} exists"
+                )
+
+        await self.engines.run_write(tx)
+
+    async def record_step_running(
+        self, claim: Claim, write: StepWrite, *, heartbeat_at: Any = None
+    ) -> None:
+        """Record that a step attempt is running, or refresh its heartbeat and progress."""
+        params = self._step_params(claim, write)
+        if heartbeat_at is not None:
+            params["last_heartbeat_at"] = heartbeat_at
+        stmt = self._record_running
+
+        def tx(conn: Connection) -> None:
+            if conn.execute(stmt, params).first() is None:
+                # Not an error when the attempt already finished (a late start record).
+                check_lease(conn, claim)
+
+        await self.engines.run_write(tx)
+
+    async def assert_lease(self, claim: Claim) -> None:
+        """Raise ``LeaseLost`` unless ``claim`` still holds its lease."""
+        await self.engines.run_read(check_lease, claim)
+
+    async def spawn_child(
+        self, claim: Claim, seq: int, agent: str, input: Any, *, max_attempts: int
+    ) -> str:
+        """Create (once) the child work item that step ``seq`` of ``claim`` spawns."""
+        await self.assert_lease(claim)
+        child, _ = await self.create_work(  # type: ignore[attr-defined]
+            agent,
+            input,
+            source="child",
+            source_event_id=f"{claim.work_id}:{seq}",
+            parent_id=claim.work_id,
+            max_attempts=max_attempts,
+        )
+        return child.id
