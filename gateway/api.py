@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,7 +23,6 @@ from config.settings import Settings
 from gateway.openapi import OPENAPI
 from gateway.serialize import work_detail, work_json, worker_json
 from ledger import Ledger, WorkState
-from ledger.schema import Event
 
 PREFIX = "/api/v1"
 #: paths under /api/ that need no token
@@ -317,25 +315,12 @@ async def list_work(request: web.Request) -> web.Response:
     return web.json_response({"items": [work_json(w) for w in items], "counts": counts})
 
 
-async def _recent_events(ledger: Ledger, work_id: str, keep: int) -> list[Event]:
-    """The last ``keep`` events in order (the ledger pages forward only)."""
-    recent: deque[Event] = deque(maxlen=keep)
-    after = 0
-    page = 1000
-    while True:
-        batch = await ledger.list_events(work_id, after=after, limit=page)
-        recent.extend(batch)
-        if len(batch) < page:
-            return list(recent)
-        after = batch[-1].id or after
-
-
 async def get_work(request: web.Request) -> web.Response:
     work_id = _work_id(request)
     ledger = request.app[LEDGER_KEY]
     work = await ledger.get_work(work_id)
     steps = await ledger.list_steps(work_id)
-    events = await _recent_events(ledger, work_id, DETAIL_EVENTS)
+    events = await ledger.list_recent_events(work_id, limit=DETAIL_EVENTS)
     children = await ledger.list_children(work_id)
     # Waits are listed once the ledger records them (they arrive with the waits issue).
     waits: list[dict[str, Any]] = []
