@@ -125,3 +125,16 @@ def test_serve_runs_the_demo_agent_on_sqlite(served: tuple[str, Path, subprocess
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_bad_settings_stop_serve_with_a_clear_message(tmp_path: Path) -> None:
+    env = _env(tmp_path, _free_port())
+    env["TETHER_LEASE_TTL"] = "-1"
+    env["TETHER_PORT"] = "http"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "serve"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "TETHER_LEASE_TTL" in proc.stderr and "TETHER_PORT" in proc.stderr
+    assert not (tmp_path / "tether.db").exists(), "nothing is created on bad settings"
