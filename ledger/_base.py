@@ -19,7 +19,7 @@ from ledger import _postgres
 from ledger.engine import Engines, create_engines
 from ledger.errors import LeaseLost, LedgerUnavailable
 from ledger.records import Claim
-from ledger.schema import work_t, worker_t
+from ledger.schema import wait_t, work_t, worker_t
 from ledger.states import WorkState
 
 log = logging.getLogger("ledger")
@@ -40,6 +40,7 @@ class LedgerBase:
         #: in-process wake-ups (SQLite, and the embedded `serve`): called after commits
         self._on_queued: list[Callable[[str], None]] = []
         self._on_control: list[Callable[[str], None]] = []
+        self._on_wait: list[Callable[[str], None]] = []
         self._listener: _postgres.Listener | None = None
 
     @classmethod
@@ -83,6 +84,10 @@ class LedgerBase:
         """Call ``callback(work_id)`` when a pause or cancel is requested ('' = check all)."""
         self._on_control.append(callback)
 
+    def on_wait_deadline(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(wait_id)`` when a wait with a deadline may have been opened."""
+        self._on_wait.append(callback)
+
     async def listen(self) -> None:
         """On PostgreSQL, start ``LISTEN`` for wake-ups from other processes (no-op on SQLite)."""
         if self.dialect != "postgresql" or self._listener is not None:
@@ -92,6 +97,7 @@ class LedgerBase:
             {
                 _postgres.WORK_CHANNEL: lambda p: self._fire(self._on_queued, p),
                 _postgres.CONTROL_CHANNEL: lambda p: self._fire(self._on_control, p),
+                _postgres.WAIT_CHANNEL: lambda p: self._fire(self._on_wait, p),
             },
         )
         await self._listener.start()
@@ -162,6 +168,15 @@ def wake_joined_parent(conn: Connection, parent_id: str | None, child_id: str, n
             state_detail={"child_id": child_id},
             updated_at=now,
         )
+    )
+
+
+def close_open_waits(conn: Connection, work_id: str, now: Any) -> None:
+    """A finished work item's pending waits (e.g. an unused resume URL) are cancelled."""
+    conn.execute(
+        sa.update(wait_t)
+        .where(wait_t.c.work_id == work_id, wait_t.c.state == "pending")
+        .values(state="cancelled", resolved_at=now, resolved_by="system")
     )
 
 

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 WORK_CHANNEL = "tether_work"
 #: Channel that tells the owning worker of a pause or cancel request (payload: work id).
 CONTROL_CHANNEL = "tether_control"
+#: Channel that tells schedulers a wait with a deadline was opened (payload: wait id).
+WAIT_CHANNEL = "tether_wait"
 
 TRIGGERS: list[str] = [
     """

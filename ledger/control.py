@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ledger._base import LedgerBase, W
+from ledger._base import LedgerBase, W, close_open_waits, wake_joined_parent
 from ledger.errors import IllegalTransition, WorkNotFound
 from ledger.records import utcnow
 from ledger.schema import Work, work_t
@@ -56,6 +56,9 @@ class ControlQueries(LedgerBase):
             ).first()
             if row is None:
                 raise IllegalTransition(work_id, current, target.value, "it changed concurrently")
+            if target is WorkState.CANCELLED:
+                close_open_waits(conn, work_id, row.updated_at)
+                wake_joined_parent(conn, row.parent_id, work_id, row.updated_at)
             return row
 
         row = await self.engines.run_write(tx)

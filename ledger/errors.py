@@ -47,3 +47,30 @@ class LedgerUnavailable(LedgerError):
     """The database could not be reached; callers answer 503 and retry later."""
 
     code = "ledger_unavailable"
+
+
+class WaitNotFound(LedgerError):
+    code = "not_found"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"no wait {what}")
+
+
+class WaitAlreadyResolved(LedgerError):
+    """The wait was decided before; the first decision stands and nothing was written."""
+
+    code = "already_resolved"
+
+    def __init__(self, wait_id: str, state: str, resolution: object, resolved_by: str | None):
+        by = f" by {resolved_by}" if resolved_by else ""
+        super().__init__(f"wait {wait_id} is already {state}{by}")
+        self.wait_id = wait_id
+        self.state = state
+        self.resolution = resolution
+        self.resolved_by = resolved_by
+
+
+class InvalidResolution(LedgerError):
+    """The payload does not fit the wait (wrong shape, or not valid for its schema)."""
+
+    code = "invalid_resolution"

@@ -98,15 +98,17 @@ class Wait(SQLModel, table=True):
 
     __tablename__ = "wait"
     __table_args__ = (
-        sa.Index("ix_wait_work", "work_id"),
+        sa.UniqueConstraint("work_id", "step_seq", name="uq_wait_step"),
         sa.Index("ix_wait_pending_deadline", "state", "deadline"),
-        sa.Index("ix_wait_signal", "kind", "key", "state"),
+        sa.Index("ix_wait_signal_name", "kind", "name", "key", "state"),
     )
 
     id: str = Field(primary_key=True, max_length=40)
     work_id: str = Field(foreign_key="work.id", ondelete="CASCADE", max_length=40)
     step_seq: int
     kind: str = Field(max_length=16)
+    #: the signal's name (signals), or a label of the wait
+    name: str | None = Field(default=None, max_length=200)
     key: str | None = Field(default=None, max_length=400)
     token: str | None = Field(default=None, max_length=80, unique=True)
     prompt: str | None = None
@@ -119,6 +121,7 @@ class Wait(SQLModel, table=True):
     resolution: Any = _json()
     resolved_by: str | None = Field(default=None, max_length=200)
     resolved_at: datetime | None = None
+    escalated_at: datetime | None = None
     created_at: datetime
 
 

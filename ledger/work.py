@@ -17,6 +17,7 @@ from ledger._base import (
     LedgerBase,
     W,
     check_lease,
+    close_open_waits,
     error_summary,
     fenced_transition,
     wake_joined_parent,
@@ -255,6 +256,7 @@ class WorkQueries(LedgerBase):
             now = utcnow()
             values = {"result": result, "finished_at": now, "control": None, **RELEASE}
             fenced_transition(conn, claim, WorkState.SUCCEEDED, "succeeded", values, now)
+            close_open_waits(conn, claim.work_id, now)
             wake_joined_parent(conn, claim.parent_id, claim.work_id, now)
 
         await self.engines.run_write(tx)
@@ -287,6 +289,7 @@ class WorkQueries(LedgerBase):
                 **RELEASE,
             }
             fenced_transition(conn, claim, WorkState.FAILED, "failed", values, now)
+            close_open_waits(conn, claim.work_id, now)
             wake_joined_parent(conn, claim.parent_id, claim.work_id, now)
             return WorkState.FAILED
 
@@ -324,6 +327,7 @@ class WorkQueries(LedgerBase):
             values = {"control": None, **extra, **RELEASE}
             fenced_transition(conn, claim, target, reason, values, now)
             if target is WorkState.CANCELLED:
+                close_open_waits(conn, claim.work_id, now)
                 wake_joined_parent(conn, claim.parent_id, claim.work_id, now)
             return target
 
@@ -385,6 +389,7 @@ class WorkQueries(LedgerBase):
                 if done is not None:
                     reaped.append((r.id, target.value))
                     if target in TERMINAL:
+                        close_open_waits(conn, r.id, now)
                         wake_joined_parent(conn, r.parent_id, r.id, now)
             return reaped
 
