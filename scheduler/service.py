@@ -1,4 +1,4 @@
-"""The scheduler role: APScheduler interval jobs over the ledger (lease reaper)."""
+"""The scheduler role: APScheduler jobs over the ledger: the lease reaper and wait deadlines."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from ledger import Ledger
+from scheduler.timers import WaitTimers
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ class SchedulerService:
         self.reaper_interval = reaper_interval
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
+        self.timers: WaitTimers | None = None
         self.reaped = 0
 
     async def reap_expired_leases(self) -> None:
@@ -49,7 +51,14 @@ class SchedulerService:
             misfire_grace_time=None,
         )
         self._scheduler.start()
-        log.info("scheduler running: lease reaper every %.1fs", self.reaper_interval)
+        await self.ledger.listen()
+        self.timers = WaitTimers(self.ledger, self._scheduler)
+        await self.timers.start()
+        log.info(
+            "scheduler running: lease reaper every %.1fs, wait deadlines within %.0fs loaded",
+            self.reaper_interval,
+            self.timers.horizon,
+        )
         await self.reap_expired_leases()  # overdue work right away after a restart
         try:
             await self._stopping.wait()
