@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import json
 import logging
 import time
 import traceback
@@ -66,6 +67,15 @@ def error_info(exc: BaseException) -> dict[str, Any]:
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(exc))[-8000:],
     }
+
+
+def to_json_data(value: Any) -> Any:
+    """``value`` as the JSON data the ledger stores. Raises ``PydanticSerializationError`` or
+    ``ValueError`` for what strict JSON cannot hold (an arbitrary object, NaN, infinity), which
+    one database would reject and the other store as invalid JSON."""
+    data = to_jsonable_python(value)
+    json.dumps(data, allow_nan=False)
+    return data
 
 
 class StepHandle:
@@ -187,6 +197,8 @@ class Context:
         self._seq = 0
         self._interrupt: str | None = claim.control
         self._lease_lost = False
+        #: a replay mismatch, kept so agent code that catches it cannot carry on regardless
+        self.nondeterminism: NonDeterminismError | None = None
         self.work_id = claim.work_id
         self.agent = claim.agent
         self.attempt = claim.attempt
@@ -199,6 +211,8 @@ class Context:
         self._interrupt = control
 
     def _boundary(self) -> None:
+        if self.nondeterminism is not None:
+            raise self.nondeterminism
         if self._lease_lost:
             raise LeaseLost(self.work_id, self._claim.epoch, "noticed at a step boundary")
         if self._interrupt is not None:
@@ -210,7 +224,8 @@ class Context:
         seq = self._seq
         rec = self._recorded.get(seq)
         if rec is not None and rec.name != name:
-            raise NonDeterminismError(self.work_id, seq, rec.name, name)
+            self.nondeterminism = NonDeterminismError(self.work_id, seq, rec.name, name)
+            raise self.nondeterminism
         return seq, rec
 
     # -- steps -------------------------------------------------------------------------------
@@ -294,8 +309,8 @@ class Context:
                 await self._record(handle, started, status="failed", exc=exc)
                 raise
             try:
-                output = to_jsonable_python(result)
-            except PydanticSerializationError as exc:
+                output = to_json_data(result)
+            except (PydanticSerializationError, ValueError) as exc:
                 err = StepResultNotSerializable(
                     f"step {seq} {name!r} returned a {type(result).__name__}, which cannot be "
                     f"stored as JSON ({exc}); return JSON-compatible data or a pydantic model"

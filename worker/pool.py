@@ -20,10 +20,10 @@ import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from pydantic_core import PydanticSerializationError, to_jsonable_python
+from pydantic_core import PydanticSerializationError
 
 from ledger import Claim, LeaseLost, Ledger, new_id, utcnow
-from worker.context import Context, error_info
+from worker.context import Context, error_info, to_json_data
 from worker.errors import NonDeterminismError, Suspended, UnknownAgent, WorkInterrupted
 from worker.registry import get_agent, registered_agents
 
@@ -134,12 +134,25 @@ class WorkerPool:
             await asyncio.wait_for(event.wait(), timeout)
 
     def _start(self, claim: Claim) -> None:
+        stale = self._running.get(claim.work_id)
+        if stale is not None:
+            # Our earlier lease on it expired and was reaped before a renewal noticed: that run
+            # is a zombie now (its writes are fenced off); stop it rather than run both.
+            log.warning(
+                "LeaseLost: work %s reclaimed at epoch %d; stopping its run at epoch %d",
+                claim.work_id,
+                claim.epoch,
+                stale.claim.epoch,
+            )
+            stale.task.cancel()
         task = asyncio.create_task(self._execute(claim), name=f"work:{claim.work_id}")
         self._running[claim.work_id] = _Running(claim, task)
-        task.add_done_callback(lambda _t, wid=claim.work_id: self._finished(wid))
+        task.add_done_callback(lambda t, wid=claim.work_id: self._finished(wid, t))
 
-    def _finished(self, work_id: str) -> None:
-        self._running.pop(work_id, None)
+    def _finished(self, work_id: str, task: asyncio.Task[None]) -> None:
+        running = self._running.get(work_id)
+        if running is not None and running.task is task:
+            del self._running[work_id]
         self.completed += 1
         self._slot_free.set()
         self._wake.set()
@@ -169,6 +182,8 @@ class WorkerPool:
             running.ctx = ctx
         try:
             result = await spec.fn(ctx, spec.parse_input(claim.input))
+            if ctx.nondeterminism is not None:  # the agent caught it; the history is still wrong
+                raise ctx.nondeterminism
         except Suspended:
             return
         except WorkInterrupted:
@@ -181,6 +196,9 @@ class WorkerPool:
             await self.ledger.fail_work(claim, error_info(exc))
             return
         except Exception as exc:
+            if ctx.nondeterminism is not None:
+                await self.ledger.fail_work(claim, error_info(ctx.nondeterminism))
+                return
             retry_at = None
             if spec.retry.should_retry(claim.attempt, exc):
                 retry_at = utcnow() + timedelta(seconds=spec.retry.delay(claim.attempt))
@@ -188,8 +206,8 @@ class WorkerPool:
             log.info("work %s %s: %s: %s", claim.work_id, state, type(exc).__name__, exc)
             return
         try:
-            output = to_jsonable_python(result)
-        except PydanticSerializationError as exc:
+            output = to_json_data(result)
+        except (PydanticSerializationError, ValueError) as exc:
             err = TypeError(f"agent {claim.agent!r} returned a value that is not JSON: {exc}")
             await self.ledger.fail_work(claim, error_info(err))
             return
