@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.settings import Settings
 from gateway.openapi import OPENAPI
-from gateway.serialize import work_detail, work_json, worker_json
+from gateway.serialize import wait_json, work_detail, work_json, worker_json
 from ledger import Ledger, WorkState
 
 PREFIX = "/api/v1"
@@ -44,23 +44,38 @@ TOKEN_KEY = web.AppKey("tether.operator_token", bytes)
 
 
 class ApiError(Exception):
-    """An error answer: ``{"error": {"code": code, "message": message}}`` with ``status``."""
+    """An error answer: ``{"error": {"code": code, "message": message, **extra}}`` with
+    ``status``. ``extra`` carries machine-readable details some errors add (e.g. the first
+    resolution of a wait that was already resolved)."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> web.Response:
     return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
+        {"error": {"code": code, "message": message, **(extra or {})}},
+        status=status,
+        headers=headers,
     )
 
 
@@ -150,14 +165,19 @@ def _check_storable(value: Any) -> None:
                 raise bad_request(f"a string in the request body {why}", "invalid_json")
 
 
-async def read_json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object. Raises 413 past the app's size limit, 400
-    ``invalid_json`` when it is not JSON, 400 ``bad_request`` when it is not an object."""
+_REQUIRED = object()  # read_json: an empty body is an error
+_EMPTY = object()  # read_json_object: marks an empty body
+
+
+async def read_json(request: web.Request, *, empty: Any = _REQUIRED) -> Any:
+    """The request body as any JSON value. Raises 413 past the app's size limit, 400
+    ``invalid_json`` when it is not JSON (or holds strings the databases cannot store). An
+    empty body gives ``empty`` when one is passed, else 400 ``invalid_json``."""
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     if not raw.strip():
-        if allow_empty:
-            return {}
-        raise bad_request("the request body is empty; expected a JSON object", "invalid_json")
+        if empty is not _REQUIRED:
+            return empty
+        raise bad_request("the request body is empty; expected JSON", "invalid_json")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -170,9 +190,20 @@ async def read_json_object(request: web.Request, *, allow_empty: bool = False) -
         raise bad_request(f"the request body is not valid JSON: {exc}", "invalid_json") from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply", "invalid_json") from None
+    _check_storable(data)
+    return data
+
+
+async def read_json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object. Raises 413 past the app's size limit, 400
+    ``invalid_json`` when it is not JSON, 400 ``bad_request`` when it is not an object."""
+    data = await read_json(request, empty=_EMPTY)
+    if data is _EMPTY:
+        if allow_empty:
+            return {}
+        raise bad_request("the request body is empty; expected a JSON object", "invalid_json")
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, not {_json_kind(data)}")
-    _check_storable(data)
     return data
 
 
@@ -322,8 +353,7 @@ async def get_work(request: web.Request) -> web.Response:
     steps = await ledger.list_steps(work_id)
     events = await ledger.list_recent_events(work_id, limit=DETAIL_EVENTS)
     children = await ledger.list_children(work_id)
-    # Waits are listed once the ledger records them (they arrive with the waits issue).
-    waits: list[dict[str, Any]] = []
+    waits = [wait_json(w) for w in await ledger.list_waits(work_id=work_id, limit=100)]
     return web.json_response(
         work_detail(work, steps=steps, waits=waits, events=events, children=children)
     )

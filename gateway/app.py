@@ -1,4 +1,5 @@
-"""The aiohttp application: health, the operator API, JSON errors and the access log.
+"""The aiohttp application: health, the operator API (work, waits, signals), resume URLs, JSON
+errors and the access log.
 
 Every error answer, from any route (unknown paths and methods included), is
 ``{"error": {"code": "<stable code>", "message": "<text>"}}``. A database that cannot be reached
@@ -30,7 +31,10 @@ from gateway.api import (
     operator_auth,
     setup_api,
 )
+from gateway.resume import setup_resume
+from gateway.waits_api import already_resolved, setup_waits_api
 from ledger import IllegalTransition, Ledger, LedgerUnavailable, WorkNotFound
+from ledger.errors import InvalidResolution, WaitAlreadyResolved, WaitNotFound
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
@@ -94,9 +98,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-    except WorkNotFound as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.extra)
+    except (WorkNotFound, WaitNotFound) as exc:
         return error_response(404, "not_found", str(exc))
+    except WaitAlreadyResolved as exc:
+        err = already_resolved(exc)
+        return error_response(err.status, err.code, err.message, extra=err.extra)
+    except InvalidResolution as exc:
+        return error_response(400, "invalid_resolution", str(exc))
     except IllegalTransition as exc:
         return error_response(409, "illegal_transition", str(exc))
     except web.HTTPException as exc:
@@ -109,14 +118,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         log.warning(
             "%s %s: ledger unavailable: %s: %s",
             request.method,
-            request.path,
+            _loggable_path(request.path),
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )
         return _unavailable()
     except Exception:
         ref = secrets.token_hex(6)
-        log.exception("%s %s failed (ref %s)", request.method, request.path, ref)
+        log.exception("%s %s failed (ref %s)", request.method, _loggable_path(request.path), ref)
         return error_response(
             500, "internal", f"internal error; the server log has the details (ref {ref})"
         )
@@ -195,4 +204,6 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     setup_api(app)
+    setup_waits_api(app)
+    setup_resume(app)
     return app

@@ -1,7 +1,8 @@
 """The operator API's OpenAPI 3.1 document, served at ``/api/v1/openapi.json``.
 
-Written by hand next to :mod:`gateway.api`; a test checks that its paths and methods are
-exactly the API's routes. Imports nothing.
+Written by hand next to :mod:`gateway.api`, :mod:`gateway.waits_api` and :mod:`gateway.resume`;
+a test checks that its paths and methods are exactly the routes under ``/api/`` and
+``/resume/``. Imports nothing.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 _STATES = ["queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled"]
+_WAIT_STATES = ["pending", "resolved", "timed_out", "cancelled"]
+_WAIT_KINDS = ["timer", "approval", "input", "signal"]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -70,6 +73,53 @@ _ID_PARAM = {
     "required": True,
     "description": "work item id",
     "schema": {"type": "string"},
+}
+
+
+_WAIT_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "wait id",
+    "schema": {"type": "string"},
+}
+_BY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 100,
+    "description": "who decides; recorded as `operator:<by>` (default `operator`)",
+}
+_ALREADY_RESOLVED = _json(
+    _ref("AlreadyResolved"),
+    "the wait was decided before (`already_resolved`): the first decision stands, nothing "
+    "was written; the answer carries that decision",
+)
+
+_WAIT_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "string"},
+    "work_id": {"type": "string"},
+    "step_seq": {"type": "integer"},
+    "kind": {"type": "string", "enum": _WAIT_KINDS},
+    "name": {**_STR_OR_NULL, "description": "the signal's name, or a label"},
+    "key": {**_STR_OR_NULL, "description": "the signal's key"},
+    "prompt": {**_STR_OR_NULL, "description": "the question put to a person"},
+    "payload_schema": {"description": "JSON Schema the input must match (input waits)"},
+    "channel": _STR_OR_NULL,
+    "conversation_id": _STR_OR_NULL,
+    "deadline": _TS,
+    "on_timeout": {"type": "string", "enum": ["fail", "continue", "escalate"]},
+    "state": {"type": "string", "enum": _WAIT_STATES},
+    "resolution": {
+        "description": "how it was decided, e.g. `{decision, approved, comment, by}` for an "
+        "approval, `{input, by}`, `{data, by}`, `{fired}` or `{timed_out: true}`"
+    },
+    "resolved_by": {
+        **_STR_OR_NULL,
+        "description": "`operator`, `operator:<name>`, `resume-url`, `scheduler`, …",
+    },
+    "resolved_at": _TS,
+    "escalated_at": _TS,
+    "created_at": _TS_REQUIRED,
 }
 
 
@@ -192,6 +242,154 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/v1/waits": {
+            "get": {
+                "operationId": "listWaits",
+                "summary": "List waits, oldest first (e.g. `?state=pending`: what needs a "
+                "decision)",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": _WAIT_STATES},
+                    },
+                    {
+                        "name": "kind",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": _WAIT_KINDS},
+                    },
+                    {"name": "work_id", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                    },
+                ],
+                "responses": {
+                    "200": _json(_ref("WaitList"), "matching waits"),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/waits/{id}": {
+            "get": {
+                "operationId": "getWait",
+                "summary": "One wait",
+                "parameters": [_WAIT_ID_PARAM],
+                "responses": {
+                    "200": _json(_ref("Wait"), "the wait"),
+                    "404": _error("no such wait (`not_found`)"),
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/waits/{id}/resolve": {
+            "post": {
+                "operationId": "resolveWait",
+                "summary": "Decide a pending wait (first decision wins) and queue its work again",
+                "description": "The body depends on the wait's kind: approval "
+                '`{"decision": "approve"|"deny", "comment"?}`, input `{"input": ...}` (checked '
+                'against the wait\'s `payload_schema`), signal `{"data": ...}`, timer `{}` '
+                '(fires it now). Any of them may add `"by"`.',
+                "parameters": [_WAIT_ID_PARAM],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ResolveWait")}},
+                },
+                "responses": {
+                    "200": _json(_ref("Wait"), "resolved; the work item is queued again"),
+                    "400": _error(
+                        "the body does not fit the wait (`bad_request`, `invalid_json`, "
+                        "`invalid_resolution`); nothing was written"
+                    ),
+                    "404": _error("no such wait (`not_found`)"),
+                    "409": _ALREADY_RESOLVED,
+                    "413": _error("the body is larger than 1 MiB (`payload_too_large`)"),
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/signals/{name}": {
+            "post": {
+                "operationId": "sendSignal",
+                "summary": "Resolve every pending `wait_for_signal(name, key=key)`",
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "signal name",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Signal")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["resolved"],
+                            "properties": {
+                                "resolved": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "ids of the waits resolved",
+                                }
+                            },
+                        },
+                        "delivered",
+                    ),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": _error(
+                        "nothing waits for this signal and key (`no_waiter`); nothing was written"
+                    ),
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/resume/{token}": {
+            "post": {
+                "operationId": "resumeByUrl",
+                "summary": "Resume the work item waiting behind a resume URL",
+                "description": "For third parties: no operator token, the unguessable `token` "
+                "is the credential. The body is any JSON value (empty = `null`) and becomes "
+                "the signal's data.",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "token",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ANY}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["wait_id", "state"],
+                            "properties": {
+                                "wait_id": {"type": "string"},
+                                "state": {"type": "string", "enum": ["resolved"]},
+                            },
+                        },
+                        "resolved; the work item is queued again",
+                    ),
+                    "400": _error("the body is not JSON (`invalid_json`); nothing was written"),
+                    "404": _error("no wait for this resume URL (`not_found`)"),
+                    "409": _ALREADY_RESOLVED,
+                    "413": _error("the body is larger than 1 MiB (`payload_too_large`)"),
+                    "503": {"$ref": "#/components/responses/LedgerUnavailable"},
+                },
+            }
+        },
         "/api/v1/openapi.json": {
             "get": {
                 "operationId": "getOpenAPI",
@@ -246,6 +444,9 @@ OPENAPI: dict[str, Any] = {
                                     "method_not_allowed",
                                     "illegal_transition",
                                     "idempotency_conflict",
+                                    "already_resolved",
+                                    "invalid_resolution",
+                                    "no_waiter",
                                     "payload_too_large",
                                     "ledger_unavailable",
                                     "internal",
@@ -254,6 +455,56 @@ OPENAPI: dict[str, Any] = {
                             "message": {"type": "string", "description": "for humans"},
                         },
                     }
+                },
+            },
+            "AlreadyResolved": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message", "state", "resolution", "resolved_by"],
+                        "properties": {
+                            "code": {"type": "string", "const": "already_resolved"},
+                            "message": {"type": "string"},
+                            "state": {
+                                "type": "string",
+                                "enum": ["resolved", "timed_out", "cancelled"],
+                            },
+                            "resolution": _WAIT_PROPERTIES["resolution"],
+                            "resolved_by": _WAIT_PROPERTIES["resolved_by"],
+                        },
+                    }
+                },
+            },
+            "Wait": {
+                "type": "object",
+                "required": list(_WAIT_PROPERTIES),
+                "properties": _WAIT_PROPERTIES,
+                "description": "a durable wait (its resume-URL token is never shown)",
+            },
+            "WaitList": {
+                "type": "object",
+                "properties": {"items": {"type": "array", "items": _ref("Wait")}},
+            },
+            "ResolveWait": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "decision": {"type": "string", "enum": ["approve", "deny"]},
+                    "comment": {"type": ["string", "null"]},
+                    "input": _ANY,
+                    "data": _ANY,
+                    "by": _BY,
+                },
+            },
+            "Signal": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "key": {"type": ["string", "null"], "maxLength": 400, "default": None},
+                    "data": {**_ANY, "default": None},
+                    "by": _BY,
                 },
             },
             "CreateWork": {
@@ -335,7 +586,7 @@ OPENAPI: dict[str, Any] = {
                         "type": "object",
                         "properties": {
                             "steps": {"type": "array", "items": _ref("Step")},
-                            "waits": {"type": "array", "items": {"type": "object"}},
+                            "waits": {"type": "array", "items": _ref("Wait")},
                             "events": {
                                 "type": "array",
                                 "items": _ref("Event"),

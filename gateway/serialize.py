@@ -1,4 +1,5 @@
-"""JSON rendering of ledger rows for the operator API: work items, steps, events, workers.
+"""JSON rendering of ledger rows for the operator API: work items, steps, waits, events,
+workers.
 
 Datetimes become ISO 8601 strings with their UTC offset. Imports only :mod:`ledger`.
 """
@@ -9,7 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.schema import Event, Step, Work, WorkerRow
+from ledger.schema import Event, Step, Wait, Work, WorkerRow
 
 WORK_FIELDS = (
     "id",
@@ -61,6 +62,27 @@ STEP_FIELDS = (
     "last_heartbeat_at",
     "progress",
 )
+#: a wait as the API shows it; never its resume-URL token (a credential)
+WAIT_FIELDS = (
+    "id",
+    "work_id",
+    "step_seq",
+    "kind",
+    "name",
+    "key",
+    "prompt",
+    "payload_schema",
+    "channel",
+    "conversation_id",
+    "deadline",
+    "on_timeout",
+    "state",
+    "resolution",
+    "resolved_by",
+    "resolved_at",
+    "escalated_at",
+    "created_at",
+)
 EVENT_FIELDS = ("id", "type", "data", "actor", "created_at")
 WORKER_FIELDS = (
     "id",
@@ -103,6 +125,11 @@ def work_summary(work: Work) -> dict[str, Any]:
 
 def step_json(step: Step) -> dict[str, Any]:
     return _pick(step, STEP_FIELDS)
+
+
+def wait_json(wait: Wait) -> dict[str, Any]:
+    """A wait without its token."""
+    return _pick(wait, WAIT_FIELDS)
 
 
 def event_json(event: Event) -> dict[str, Any]:

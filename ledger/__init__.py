@@ -6,19 +6,24 @@ The only package that talks to the database. Imports nothing of Tether's other p
 
 from ledger.errors import (
     IllegalTransition,
+    InvalidResolution,
     LeaseLost,
     LedgerError,
     LedgerUnavailable,
+    WaitAlreadyResolved,
+    WaitNotFound,
     WorkNotFound,
 )
 from ledger.ledger import Ledger
 from ledger.records import Claim, StepRecord, StepWrite, new_id, utcnow
 from ledger.states import TERMINAL, StepStatus, WorkState
+from ledger.waits import WaitOutcome, WaitSpec
 
 __all__ = [
     "TERMINAL",
     "Claim",
     "IllegalTransition",
+    "InvalidResolution",
     "LeaseLost",
     "Ledger",
     "LedgerError",
@@ -26,6 +31,10 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "StepWrite",
+    "WaitAlreadyResolved",
+    "WaitNotFound",
+    "WaitOutcome",
+    "WaitSpec",
     "WorkNotFound",
     "WorkState",
     "new_id",

@@ -69,6 +69,7 @@ def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
     if finishing:
         keep = ("work_id", "seq", "last_heartbeat_at", "progress")
         set_ = {c: getattr(new, c) for c in _COLUMNS if c not in keep}
+        set_["progress"] = sa.func.coalesce(new.progress, S.progress)
         where = S.status != "succeeded"
     else:
         set_ = {

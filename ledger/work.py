@@ -226,21 +226,24 @@ class WorkQueries(LedgerBase):
         ]
 
     async def renew_leases(
-        self, owner: str, *, lease_ttl: float
+        self, owner: str, *, lease_ttl: float, work_ids: Sequence[str] | None = None
     ) -> dict[str, tuple[int, str | None]]:
-        """Extend every lease ``owner`` holds in one statement and mark the worker alive.
+        """Extend the leases ``owner`` holds (only ``work_ids``, if given: an item the worker
+        no longer runs is left to expire) in one statement, and mark the worker alive.
 
         Returns ``{work_id: (epoch, control)}`` of the leases still held; a lease the worker
         believes it holds but that is missing here is lost.
         """
         now = utcnow()
+        renew = sa.update(work_t).where(W.lease_owner == owner, W.state == WorkState.RUNNING.value)
+        if work_ids is not None:
+            renew = renew.where(W.id.in_(list(work_ids)))
 
         def tx(conn: Connection) -> dict[str, tuple[int, str | None]]:
             rows = conn.execute(
-                sa.update(work_t)
-                .where(W.lease_owner == owner, W.state == WorkState.RUNNING.value)
-                .values(lease_expires_at=now + timedelta(seconds=lease_ttl), last_heartbeat_at=now)
-                .returning(W.id, W.lease_epoch, W.control)
+                renew.values(
+                    lease_expires_at=now + timedelta(seconds=lease_ttl), last_heartbeat_at=now
+                ).returning(W.id, W.lease_epoch, W.control)
             ).all()
             conn.execute(sa.update(worker_t).where(worker_t.c.id == owner).values(last_seen_at=now))
             return {r.id: (r.lease_epoch, r.control) for r in rows}

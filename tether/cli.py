@@ -1,7 +1,8 @@
 """The ``tether`` command line: run the roles, migrate, and steer work through the operator API.
 
-Exit codes: 0 done; 1 the API refused (illegal action, bad request); 2 bad usage or settings;
-3 unknown id; 4 the gateway or database cannot be reached.
+Exit codes: 0 done; 1 the API refused (illegal action, bad request, a wait decided before);
+2 bad usage or settings; 3 unknown id, or nothing waits for the signal; 4 the gateway or
+database cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -202,12 +204,15 @@ class ApiClient:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
+            error: dict[str, Any] = {}
             try:
-                payload = json.loads(exc.read())
-                message = payload["error"]["message"]
+                error = json.loads(exc.read())["error"]
+                message = error["message"]
             except Exception:
                 message = f"HTTP {exc.code}"
             err.print(f"tether: {message}", highlight=False)
+            if exc.code == 409 and error.get("code") == "already_resolved":
+                err.print(f"tether: {describe_resolution(error)}", highlight=False)
             code = {404: EXIT_NOT_FOUND, 401: EXIT_USAGE, 503: EXIT_UNREACHABLE}.get(
                 exc.code, EXIT_REFUSED
             )
@@ -215,6 +220,25 @@ class ApiClient:
         except (urllib.error.URLError, OSError) as exc:
             err.print(f"tether: cannot reach the gateway at {self.base}: {exc}")
             raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def describe_resolution(error: dict[str, Any]) -> str:
+    """Who decided a wait first, and what: for the 409 ``already_resolved`` answer."""
+    state = error.get("state") or "resolved"
+    by = error.get("resolved_by") or "unknown"
+    resolution = error.get("resolution")
+    if state != "resolved":
+        what = state.replace("_", " ")
+    elif isinstance(resolution, dict) and "decision" in resolution:
+        what = "approved" if resolution["decision"] == "approve" else "denied"
+        if resolution.get("comment"):
+            what += f" ({resolution['comment']})"
+    elif isinstance(resolution, dict):
+        shown = {k: v for k, v in resolution.items() if k != "by"}
+        what = f"resolved with {json.dumps(shown)[:300]}"
+    else:
+        what = "resolved"
+    return f"first decision: {what} by {by}"
 
 
 UrlOpt = Annotated[
@@ -328,6 +352,97 @@ def work_start(
         _print_json(w)
     else:
         out.print(f"{w['id']}: {w['state']}")
+
+
+# -- waits ------------------------------------------------------------------------------------
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+@app.command("approve")
+def approve(
+    wait_id: Annotated[str, typer.Argument(help="The approval wait's id.")],
+    deny: Annotated[bool, typer.Option("--deny", help="Deny instead of approving.")] = False,
+    comment: Annotated[str | None, typer.Option("--comment", help="Why.")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve (or --deny) a pending approval. Exit 1 if someone decided first."""
+    client = ApiClient(_settings(config), url)
+    body: dict[str, Any] = {"decision": "deny" if deny else "approve"}
+    if comment is not None:
+        body["comment"] = comment
+    w = client.call("POST", f"/api/v1/waits/{_q(wait_id)}/resolve", body)
+    if as_json:
+        _print_json(w)
+    else:
+        verb = "denied" if deny else "approved"
+        out.print(f"{w['id']}: {verb}; work {w['work_id']} resumes", highlight=False)
+
+
+@app.command("signal")
+def signal(
+    name: Annotated[str, typer.Argument(help="The signal's name.")],
+    data: Annotated[str, typer.Option("--data", help="JSON payload.")],
+    key: Annotated[str | None, typer.Option("--key", help="The signal's key.")] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send signal NAME (with --key) to whatever waits for it. Exit 3 if nothing waits."""
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--data is not JSON: {exc}") from None
+    client = ApiClient(_settings(config), url)
+    result = client.call("POST", f"/api/v1/signals/{_q(name)}", {"key": key, "data": payload})
+    if as_json:
+        _print_json(result)
+    else:
+        ids = result["resolved"]
+        out.print(f"resolved {len(ids)} wait(s): {', '.join(ids)}", highlight=False)
+
+
+WAIT_STATES = ("pending", "resolved", "timed_out", "cancelled", "all")
+
+
+@app.command("waits")
+def waits(
+    state: Annotated[
+        str, typer.Option(help=f"One of {', '.join(WAIT_STATES)}.", show_default=True)
+    ] = "pending",
+    work: Annotated[str | None, typer.Option("--work", help="Only this work item's.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List waits (pending by default): what needs a decision, and until when."""
+    if state not in WAIT_STATES:
+        raise typer.BadParameter(f"--state must be one of {', '.join(WAIT_STATES)}")
+    client = ApiClient(_settings(config), url)
+    params: dict[str, Any] = {"limit": limit}
+    if state != "all":
+        params["state"] = state
+    if work:
+        params["work_id"] = work
+    data = client.call("GET", f"/api/v1/waits?{urllib.parse.urlencode(params)}")
+    if as_json:
+        _print_json(data["items"])
+        return
+    table = Table("id", "work", "kind", "prompt / name", "deadline", "state")
+    for w in data["items"]:
+        label = w.get("prompt") or w.get("name") or ""
+        if w.get("key"):
+            label += f" [{w['key']}]"
+        table.add_row(
+            w["id"], w["work_id"], w["kind"], label[:80], (w.get("deadline") or "")[:19],
+            w["state"],
+        )  # fmt: skip
+    out.print(table)
 
 
 @app.command("workers")

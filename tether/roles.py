@@ -28,7 +28,8 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("alembic", "apscheduler", "aiohttp.access"):
+    # aiosqlite logs every statement with its parameters at DEBUG (resume tokens included)
+    for noisy in ("alembic", "apscheduler", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -118,6 +119,7 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
         lease_ttl=settings.lease_ttl,
         poll_interval=settings.poll_interval,
         agents=agents,
+        public_url=settings.effective_public_url,
     )
     sched = SchedulerService(ledger, reaper_interval=settings.reaper_interval)
     runner = await _start_gateway(ledger, settings, agents)
@@ -156,6 +158,7 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         lease_ttl=settings.lease_ttl,
         poll_interval=settings.poll_interval,
         agents=agents,
+        public_url=settings.effective_public_url,
     )
     log.info("worker %s starting (database %s)", pool.worker_id, _safe_url(settings.database_url))
     try:

@@ -14,16 +14,19 @@ from worker.errors import (
     StepResultNotSerializable,
     StepTimeout,
     UnknownAgent,
+    WaitTimeout,
     WorkInterrupted,
 )
 from worker.pool import WorkerPool
 from worker.registry import agent, get_agent, load_agent_modules, registered_agents
 from worker.retry import RetryPolicy
+from worker.waiting import Decision
 
 __all__ = [
     "ChildFailed",
     "ChildHandle",
     "Context",
+    "Decision",
     "HeartbeatTimeout",
     "LeaseLost",
     "NonDeterminismError",
@@ -33,6 +36,7 @@ __all__ = [
     "StepResultNotSerializable",
     "StepTimeout",
     "UnknownAgent",
+    "WaitTimeout",
     "WorkInterrupted",
     "WorkerPool",
     "agent",

@@ -37,6 +37,7 @@ from worker.errors import (
     WorkInterrupted,
 )
 from worker.retry import DEFAULT_STEP_RETRY, RetryPolicy
+from worker.waiting import WaitingMixin
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +188,19 @@ def _return_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
     return adapter
 
 
-class Context:
+class Context(WaitingMixin):
     """Handed to every agent call: the API agent code uses to be durable."""
 
-    def __init__(self, ledger: Ledger, claim: Claim, recorded: dict[int, StepRecord]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        claim: Claim,
+        recorded: dict[int, StepRecord],
+        *,
+        public_url: str = "http://127.0.0.1:8080",
+    ) -> None:
         self._ledger = ledger
+        self.public_url = public_url
         self._claim = claim
         self._recorded = recorded
         self._seq = 0
@@ -356,6 +365,7 @@ class Context:
                 error=error_info(exc) if exc is not None else None,
                 error_type=type(exc).__name__ if exc is not None else None,
                 finished_at=utcnow(),
+                progress=handle._pending_progress,  # the last heartbeat's, not yet written
             ),
         )
 

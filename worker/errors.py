@@ -92,6 +92,11 @@ __all__ = [
     "StepTimeout",
     "Suspended",
     "UnknownAgent",
+    "WaitTimeout",
     "WorkInterrupted",
     "WorkflowError",
 ]
+
+
+class WaitTimeout(WorkflowError):
+    """A wait reached its deadline with ``on_timeout="fail"``."""

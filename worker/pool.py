@@ -47,6 +47,8 @@ class WorkerPool:
     poll_interval: float = 1.0
     shutdown_grace: float = 10.0
     agents: frozenset[str] | None = None
+    #: base of the resume URLs agents hand out (``TETHER_PUBLIC_URL``)
+    public_url: str = "http://127.0.0.1:8080"
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
     )
@@ -168,6 +170,10 @@ class WorkerPool:
             raise
         except Exception:
             log.exception("worker could not record the outcome of work %s", claim.work_id)
+            try:  # hand it back to run again (it replays); else its lease simply expires
+                await self.ledger.release_work(claim, "released_after_error")
+            except Exception as exc:
+                log.warning("could not release work %s either: %s", claim.work_id, exc)
 
     async def _run_claim(self, claim: Claim) -> None:
         try:
@@ -176,7 +182,7 @@ class WorkerPool:
             await self.ledger.fail_work(claim, error_info(exc))
             return
         recorded = await self.ledger.load_steps(claim.work_id)
-        ctx = Context(self.ledger, claim, recorded)
+        ctx = Context(self.ledger, claim, recorded, public_url=self.public_url)
         running = self._running.get(claim.work_id)
         if running is not None:
             running.ctx = ctx
@@ -223,7 +229,9 @@ class WorkerPool:
 
     async def _renew_once(self) -> None:
         try:
-            held = await self.ledger.renew_leases(self.worker_id, lease_ttl=self.lease_ttl)
+            held = await self.ledger.renew_leases(
+                self.worker_id, lease_ttl=self.lease_ttl, work_ids=list(self._running)
+            )
         except Exception as exc:
             log.warning("lease renewal failed: %s", exc)
             return

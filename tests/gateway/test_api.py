@@ -545,7 +545,7 @@ async def test_openapi_served_without_token_and_matches_routes(api: Api) -> None
     routes: set[tuple[str, str]] = set()
     for route in api.server.app.router.routes():
         path = route.resource.canonical if route.resource else ""
-        if path.startswith("/api/") and route.method != "HEAD":
+        if path.startswith(("/api/", "/resume/")) and route.method != "HEAD":
             routes.add((path, route.method.lower()))
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert documented == routes
