@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -31,6 +31,7 @@ from gateway.api import (
     operator_auth,
     setup_api,
 )
+from gateway.http_chat import setup_http_chat
 from gateway.resume import setup_resume
 from gateway.waits_api import already_resolved, setup_waits_api
 from ledger import IllegalTransition, Ledger, LedgerUnavailable, WorkNotFound
@@ -185,11 +186,13 @@ def create_app(
     *,
     operator_token: str,
     known_agents: frozenset[str] | None = None,
+    chat_policies: Mapping[str, tuple[str, float]] | None = None,
 ) -> web.Application:
     """The gateway's aiohttp application.
 
     ``operator_token`` guards ``/api/*`` (see :func:`config.load_or_create_operator_token`);
-    ``known_agents``, when given, is the set of agents ``POST /api/v1/work`` accepts.
+    ``known_agents``, when given, is the set of agents ``POST /api/v1/work`` accepts;
+    ``chat_policies`` is ``{agent: (on_busy, collect_window)}`` for chat messages.
     """
     if not operator_token or not operator_token.strip():
         raise ValueError("the operator API never runs without an operator token")
@@ -206,4 +209,5 @@ def create_app(
     setup_api(app)
     setup_waits_api(app)
     setup_resume(app)
+    setup_http_chat(app, chat_policies or {})
     return app

@@ -2,7 +2,8 @@
 
 Its parts live beside it, one concern each: :mod:`ledger.work` (creation, claims, leases,
 worker-side transitions), :mod:`ledger.steps` (fenced step records), :mod:`ledger.waits`
-(durable waits), :mod:`ledger.control` (operator actions) and :mod:`ledger.maintenance`
+(durable waits), :mod:`ledger.conversations` (chat messages in and out),
+:mod:`ledger.control` (operator actions) and :mod:`ledger.maintenance`
 (worker rows, retention). Every state change is a conditional ``UPDATE`` built from
 :mod:`ledger.states`; the database's history triggers append the matching ``event`` in the
 same transaction.
@@ -11,11 +12,19 @@ same transaction.
 from __future__ import annotations
 
 from ledger.control import ControlQueries
+from ledger.conversations import ConversationQueries
 from ledger.maintenance import MaintenanceQueries
 from ledger.steps import StepQueries
 from ledger.waits import WaitQueries
 from ledger.work import WorkQueries
 
 
-class Ledger(WorkQueries, StepQueries, WaitQueries, ControlQueries, MaintenanceQueries):
+class Ledger(
+    WorkQueries,
+    StepQueries,
+    WaitQueries,
+    ConversationQueries,
+    ControlQueries,
+    MaintenanceQueries,
+):
     """Async access to the work ledger. One instance per process; safe to share between tasks."""

@@ -156,6 +156,29 @@ class Conversation(SQLModel, table=True):
     updated_at: datetime
 
 
+class Inbox(SQLModel, table=True):
+    """Inbound chat messages, as they arrived, and what became of each."""
+
+    __tablename__ = "inbox"
+    __table_args__ = (
+        sa.UniqueConstraint("channel", "source_event_id", name="uq_inbox_source_event"),
+        sa.Index("ix_inbox_conversation", "conversation_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: str = Field(max_length=40)
+    channel: str = Field(max_length=40)
+    source_event_id: str = Field(max_length=400)
+    sender: str | None = Field(default=None, max_length=200)
+    text: str
+    payload: Any = _json()
+    #: started | queued | resolved_wait | reasked | rejected | collected | interrupted
+    disposition: str = Field(max_length=16)
+    work_id: str | None = Field(default=None, max_length=40)
+    wait_id: str | None = Field(default=None, max_length=40)
+    created_at: datetime
+
+
 class Outbox(SQLModel, table=True):
     """Outbound messages and their delivery state."""
 
@@ -202,6 +225,7 @@ wait_t: sa.Table = Wait.__table__  # type: ignore[assignment]
 event_t: sa.Table = Event.__table__  # type: ignore[assignment]
 conversation_t: sa.Table = Conversation.__table__  # type: ignore[assignment]
 outbox_t: sa.Table = Outbox.__table__  # type: ignore[assignment]
+inbox_t: sa.Table = Inbox.__table__  # type: ignore[assignment]
 worker_t: sa.Table = WorkerRow.__table__  # type: ignore[assignment]
 
 metadata = SQLModel.metadata

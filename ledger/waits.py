@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from ledger._base import RELEASE, LedgerBase, W, check_lease, fenced_transition
 from ledger.errors import InvalidResolution, WaitAlreadyResolved, WaitNotFound
 from ledger.records import Claim, StepWrite, new_id, utcnow
-from ledger.schema import Wait, wait_t, work_t
+from ledger.schema import Wait, conversation_t, wait_t, work_t
 from ledger.states import WorkState
 
 A = wait_t.c
@@ -170,13 +170,16 @@ class WaitQueries(LedgerBase):
                 )
                 row = conn.execute(q.with_for_update() if postgres else q).first()
             if row is None:
-                conn.execute(
+                created = conn.execute(
                     self._insert(wait_t)
                     .values(_new_wait_row(claim, spec, now))
                     .on_conflict_do_nothing(index_elements=["work_id", "step_seq"])
-                )
+                    .returning(A.id)
+                ).first()
                 q = sa.select(wait_t).where(A.work_id == claim.work_id, A.step_seq == spec.seq)
                 row = conn.execute(q.with_for_update() if postgres else q).one()
+                if created is not None:
+                    self._send_prompt(conn, row)
             if row.state in (RESOLVED, TIMED_OUT):
                 outcome = _outcome(row)
                 params = params_for(
@@ -207,6 +210,27 @@ class WaitQueries(LedgerBase):
         if isinstance(result, tuple):
             self._fire(self._on_wait, result[1])
         return result
+
+    def _send_prompt(self, conn: Connection, row: Any) -> None:
+        """An approval or input wait asks its question in its conversation, once (with the
+        wait it opens, in the same transaction)."""
+        if row.kind not in ("approval", "input") or row.conversation_id is None or not row.prompt:
+            return
+        channel = conn.execute(
+            sa.select(conversation_t.c.channel).where(conversation_t.c.id == row.conversation_id)
+        ).scalar_one_or_none()
+        if channel is None:
+            return
+        extra: dict[str, Any] = {"wait_id": row.id}
+        if row.kind == "approval":
+            extra["actions"] = [
+                {"id": "approve", "label": "Approve"},
+                {"id": "deny", "label": "Deny"},
+            ]
+        self._outbox(  # type: ignore[attr-defined]
+            conn, row.conversation_id, channel, row.work_id, row.prompt,
+            step_seq=row.step_seq, extra=extra,
+        )  # fmt: skip
 
     async def open_resume_url(self, claim: Claim, seq: int, name: str) -> str:
         """Create (once) the signal wait a resume URL resolves; returns its token."""

@@ -175,6 +175,7 @@ class WorkQueries(LedgerBase):
         )
         if agents is not None:
             pick = pick.where(W.agent.in_(list(agents)))
+        pick = pick.where(sa.or_(W.conversation_id.is_(None), ~_conversation_busy()))
         picked: Any = pick.scalar_subquery()
         if self.dialect == "postgresql":
             # A materialized CTE locks its rows once. As an ``IN (subquery)`` the planner may
@@ -400,6 +401,27 @@ class WorkQueries(LedgerBase):
         if reaped:
             self._fire(self._on_queued, "")
         return reaped
+
+
+def _conversation_busy() -> Any:
+    """One item per conversation runs at a time, in arrival order: an item is not claimable
+    while another of its conversation runs, or an earlier one is still queued."""
+    other = work_t.alias("other")
+    o = other.c
+    earlier = sa.or_(
+        o.created_at < W.created_at, sa.and_(o.created_at == W.created_at, o.id < W.id)
+    )
+    return (
+        sa.exists()
+        .where(
+            o.conversation_id == W.conversation_id,
+            sa.or_(
+                o.state == WorkState.RUNNING.value,
+                sa.and_(o.state == WorkState.QUEUED.value, earlier),
+            ),
+        )
+        .correlate(work_t)
+    )
 
 
 def _after_expiry(r: Any, now: datetime) -> tuple[WorkState, str, dict[str, Any]]:

@@ -71,7 +71,15 @@ async def _start_gateway(
     from gateway import create_app
 
     token, created = load_or_create_operator_token(settings)
-    app = create_app(ledger, settings, operator_token=token, known_agents=agents)
+    from worker.registry import chat_policies
+
+    app = create_app(
+        ledger,
+        settings,
+        operator_token=token,
+        known_agents=agents,
+        chat_policies={a: p for a, p in chat_policies().items() if agents is None or a in agents},
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -121,7 +129,9 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
         agents=agents,
         public_url=settings.effective_public_url,
     )
-    sched = SchedulerService(ledger, reaper_interval=settings.reaper_interval)
+    sched = SchedulerService(
+        ledger, reaper_interval=settings.reaper_interval, schedules=settings.schedules
+    )
     runner = await _start_gateway(ledger, settings, agents)
     print(
         f"  worker pool:   {pool.concurrency} slot(s), agents: {', '.join(sorted(agents))}",
@@ -171,7 +181,9 @@ async def run_scheduler(settings: Settings) -> None:
     from scheduler import SchedulerService
 
     ledger = await open_ledger(settings, migrate=False)
-    sched = SchedulerService(ledger, reaper_interval=settings.reaper_interval)
+    sched = SchedulerService(
+        ledger, reaper_interval=settings.reaper_interval, schedules=settings.schedules
+    )
     try:
         await _run([sched.run], [sched.stop])
     finally:

@@ -422,6 +422,16 @@ class Context(WaitingMixin):
         await self.step(name, _marker)
         return True
 
+    # -- conversation ------------------------------------------------------------------------
+
+    async def reply(self, text: str) -> None:
+        """Say ``text`` in this work item's conversation, once, however often the work
+        replays (the outbound message and the step record commit together)."""
+        seq, rec = self._next("reply")
+        if rec is not None and rec.status == "succeeded":
+            return
+        await self._ledger.record_reply(self._claim, seq, "reply", str(text))
+
     # -- child work --------------------------------------------------------------------------
 
     async def spawn(self, agent: str, input: Any = None, *, max_attempts: int = 5) -> ChildHandle:

@@ -20,12 +20,19 @@ from worker.retry import NO_RETRY, RetryPolicy
 AgentFn = Callable[..., Awaitable[Any]]
 
 
+ON_BUSY = ("enqueue", "interrupt", "reject", "collect")
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     name: str
     fn: AgentFn
     retry: RetryPolicy
     input_adapter: TypeAdapter[Any] | None
+    #: what a chat message does while this agent's work in the conversation is running
+    on_busy: str = "enqueue"
+    #: how long ``collect`` gathers messages into one input
+    collect_window: float = 2.0
 
     def parse_input(self, raw: Any) -> Any:
         return raw if self.input_adapter is None else self.input_adapter.validate_python(raw)
@@ -34,13 +41,27 @@ class AgentSpec:
 _REGISTRY: dict[str, AgentSpec] = {}
 
 
-def agent(name: str, *, retry: RetryPolicy | None = None) -> Callable[[AgentFn], AgentFn]:
+def agent(
+    name: str,
+    *,
+    retry: RetryPolicy | None = None,
+    on_busy: str = "enqueue",
+    collect_window: float = 2.0,
+) -> Callable[[AgentFn], AgentFn]:
     """Register ``async def fn(ctx, input)`` as the agent ``name``.
 
     If ``input`` is annotated (a pydantic model, a dataclass, ``dict[str, int]`` …) the work
     item's JSON input is validated into that type before the function runs. ``retry`` governs
     whether an exception that escapes the function re-runs the work item (default: it fails).
+    ``on_busy`` says what a chat message does while this agent works in the conversation:
+    ``enqueue`` (run after it), ``interrupt`` (cancel it at its next step boundary and run),
+    ``reject`` (reply that the agent is busy) or ``collect`` (merge the messages that arrive
+    within ``collect_window`` seconds into one input).
     """
+    if on_busy not in ON_BUSY:
+        raise ValueError(f"on_busy must be one of {ON_BUSY}, not {on_busy!r}")
+    if collect_window <= 0:
+        raise ValueError("collect_window must be positive")
 
     def register(fn: AgentFn) -> AgentFn:
         if not inspect.iscoroutinefunction(fn):
@@ -54,7 +75,12 @@ def agent(name: str, *, retry: RetryPolicy | None = None) -> Callable[[AgentFn],
             if not same:
                 raise ValueError(f"agent name {name!r} is already taken by {existing.fn!r}")
         _REGISTRY[name] = AgentSpec(
-            name=name, fn=fn, retry=retry or NO_RETRY, input_adapter=_input_adapter(fn)
+            name=name,
+            fn=fn,
+            retry=retry or NO_RETRY,
+            input_adapter=_input_adapter(fn),
+            on_busy=on_busy,
+            collect_window=collect_window,
         )
         return fn
 
@@ -80,6 +106,11 @@ def get_agent(name: str) -> AgentSpec:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownAgent(name, sorted(_REGISTRY)) from None
+
+
+def chat_policies() -> dict[str, tuple[str, float]]:
+    """``{agent: (on_busy, collect_window)}`` for the gateway's chat channels."""
+    return {n: (spec.on_busy, spec.collect_window) for n, spec in _REGISTRY.items()}
 
 
 def registered_agents() -> frozenset[str]:

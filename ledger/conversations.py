@@ -1,0 +1,362 @@
+"""Conversations: inbound chat messages, what each becomes, and what agents reply.
+
+One transaction takes an inbound message: it finds (or creates) the conversation, records the
+message once (deduplicated on the channel's message id), and then either resolves the input
+wait the conversation's work is waiting on, or applies the agent's ``on_busy`` policy, or
+starts new work. Replies are outbox rows written together with the step that sends them, so a
+replayed reply is never sent twice. Imported only by :mod:`ledger.ledger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import jsonschema
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ledger._base import LedgerBase, W, check_lease
+from ledger.records import Claim, StepWrite, new_id, utcnow
+from ledger.schema import conversation_t, inbox_t, outbox_t, wait_t, work_t
+from ledger.states import WorkState
+
+C = conversation_t.c
+I = inbox_t.c  # noqa: E741
+O = outbox_t.c  # noqa: E741
+
+ON_BUSY = ("enqueue", "interrupt", "reject", "collect")
+BUSY_REPLY = "I'm still working on your previous message; please send this again when I reply."
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What an inbound message became."""
+
+    conversation_id: str
+    inbox_id: int
+    disposition: str
+    work_id: str | None
+    wait_id: str | None
+    duplicate: bool
+
+
+def _schema_hint(schema: Any) -> str:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind in ("integer", "number"):
+        return f"a{'n' if kind == 'integer' else ''} {kind}"
+    if kind == "boolean":
+        return "yes/no as true or false"
+    if kind == "object":
+        fields = ", ".join(schema.get("properties", {}))
+        return f"JSON with the fields {fields}" if fields else "a JSON object"
+    return "a valid answer"
+
+
+def parse_reply(text: str, schema: Any) -> tuple[bool, Any, str]:
+    """A chat reply as the value an input wait expects: ``(ok, value, hint)``."""
+    candidates: list[Any] = []
+    if not (isinstance(schema, dict) and schema.get("type") == "string"):
+        with contextlib.suppress(ValueError):
+            candidates.append(json.loads(text))
+    candidates.append(text)
+    for value in candidates:
+        try:
+            if schema is not None:
+                jsonschema.validate(value, schema)
+            return True, value, ""
+        except jsonschema.ValidationError:
+            continue
+    return False, None, _schema_hint(schema)
+
+
+class ConversationQueries(LedgerBase):
+    def _conversation(self, conn: Connection, channel: str, chat_id: str, thread_id: str) -> str:
+        now = utcnow()
+        conn.execute(
+            self._insert(conversation_t)
+            .values(
+                id=new_id(),
+                channel=channel,
+                chat_id=chat_id,
+                thread_id=thread_id,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["channel", "chat_id", "thread_id"])
+        )
+        return conn.execute(
+            sa.select(C.id).where(
+                C.channel == channel, C.chat_id == chat_id, C.thread_id == thread_id
+            )
+        ).scalar_one()
+
+    async def accept_message(
+        self,
+        *,
+        channel: str,
+        chat_id: str,
+        text: str,
+        message_id: str,
+        agent: str,
+        thread_id: str = "",
+        sender: str | None = None,
+        payload: Any = None,
+        on_busy: str = "enqueue",
+        collect_window: float = 2.0,
+    ) -> Accepted:
+        """Take one inbound message durably (see the module docstring). A repeat of the same
+        ``(channel, message_id)`` changes nothing and returns what the first one became."""
+        if on_busy not in ON_BUSY:
+            raise ValueError(f"on_busy must be one of {ON_BUSY}")
+        postgres = self.dialect == "postgresql"
+        resolve_row = self._resolve_row  # type: ignore[attr-defined]
+
+        def tx(conn: Connection) -> tuple[Accepted, bool]:
+            now = utcnow()
+            conv = self._conversation(conn, channel, chat_id, thread_id)
+            if postgres:  # one message of a conversation at a time decides what happens
+                conn.execute(sa.select(C.id).where(C.id == conv).with_for_update())
+            inserted = conn.execute(
+                self._insert(inbox_t)
+                .values(
+                    conversation_id=conv,
+                    channel=channel,
+                    source_event_id=message_id,
+                    sender=sender,
+                    text=text,
+                    payload=payload,
+                    disposition="started",
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["channel", "source_event_id"])
+                .returning(I.id)
+            ).first()
+            if inserted is None:
+                row = conn.execute(
+                    sa.select(inbox_t).where(I.channel == channel, I.source_event_id == message_id)
+                ).one()
+                dup = Accepted(conv, row.id, row.disposition, row.work_id, row.wait_id, True)
+                return dup, False
+            inbox_id = inserted.id
+
+            def settle(disposition: str, work_id: str | None, wait_id: str | None = None) -> Any:
+                conn.execute(
+                    sa.update(inbox_t)
+                    .where(I.id == inbox_id)
+                    .values(disposition=disposition, work_id=work_id, wait_id=wait_id)
+                )
+                return Accepted(conv, inbox_id, disposition, work_id, wait_id, False)
+
+            # 1. the conversation's work waits for input: this message is the answer
+            q = (
+                sa.select(wait_t)
+                .join(work_t, W.id == wait_t.c.work_id)
+                .where(
+                    wait_t.c.conversation_id == conv,
+                    wait_t.c.kind == "input",
+                    wait_t.c.state == "pending",
+                )
+                .order_by(wait_t.c.created_at)
+                .limit(1)
+            )
+            wait = conn.execute(q.with_for_update() if postgres else q).first()
+            if wait is not None:
+                ok, value, hint = parse_reply(text, wait.payload_schema)
+                if not ok:
+                    self._outbox(conn, conv, channel, wait.work_id, f"Please reply with {hint}.")
+                    return settle("reasked", wait.work_id, wait.id), False
+                resolve_row(conn, wait, {"input": value}, sender, now)
+                return settle("resolved_wait", wait.work_id, wait.id), True
+
+            # 2. busy: an item of this conversation runs or is queued
+            active = conn.execute(
+                sa.select(W.id, W.state, W.not_before, W.input)
+                .where(
+                    W.conversation_id == conv,
+                    W.state.in_([WorkState.RUNNING.value, WorkState.QUEUED.value]),
+                )
+                .order_by(W.created_at.desc())
+            ).all()
+            message = {
+                "text": text,
+                "sender": sender,
+                "channel": channel,
+                "chat_id": chat_id,
+                "thread_id": thread_id,
+                "message_id": message_id,
+                "conversation_id": conv,
+            }
+            not_before: datetime | None = None
+            if active and on_busy == "reject":
+                self._outbox(conn, conv, channel, None, BUSY_REPLY)
+                return settle("rejected", None), False
+            if on_busy == "collect":
+                window = now + timedelta(seconds=collect_window)
+                gathering = [
+                    a for a in active if a.state == "queued" and a.not_before and a.not_before > now
+                ]
+                if gathering:
+                    target = gathering[0]
+                    merged = dict(target.input or {})
+                    merged["texts"] = [*merged.get("texts", [merged.get("text", "")]), text]
+                    merged["text"] = "\n".join(merged["texts"])
+                    conn.execute(sa.update(work_t).where(W.id == target.id).values(input=merged))
+                    return settle("collected", target.id), False
+                not_before = window
+                message["texts"] = [text]
+            if active and on_busy == "interrupt":
+                conn.execute(
+                    sa.update(work_t)
+                    .where(W.conversation_id == conv, W.state == WorkState.RUNNING.value)
+                    .values(
+                        control="cancel",
+                        state_reason="cancel_requested",
+                        state_detail={"actor": "interrupted by a new message"},
+                        updated_at=now,
+                    )
+                )
+            work_id = new_id()
+            conn.execute(
+                sa.insert(work_t).values(
+                    id=work_id,
+                    agent=agent,
+                    state=WorkState.QUEUED.value,
+                    input=message,
+                    attempt=1,
+                    max_attempts=5,
+                    source=channel,
+                    source_event_id=message_id,
+                    conversation_id=conv,
+                    priority=0,
+                    lease_epoch=0,
+                    not_before=not_before,
+                    state_reason="created",
+                    state_detail={"actor": sender} if sender else None,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            disposition = "queued" if active else "started"
+            if active and on_busy == "interrupt":
+                disposition = "interrupted"
+            return settle(disposition, work_id), True
+
+        accepted, wake = await self.engines.run_write(tx)
+        if wake:
+            self._fire(self._on_queued, agent)
+        if accepted.disposition == "interrupted":
+            self._fire(self._on_control, "")
+        return accepted
+
+    def _outbox(
+        self,
+        conn: Connection,
+        conversation_id: str,
+        channel: str,
+        work_id: str | None,
+        text: str,
+        *,
+        step_seq: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> int:
+        """An outbound message. The HTTP channel is read by its clients, so it counts as sent."""
+        now = utcnow()
+        return conn.execute(
+            sa.insert(outbox_t)
+            .values(
+                work_id=work_id,
+                step_seq=step_seq,
+                conversation_id=conversation_id,
+                channel=channel,
+                payload={"text": text, **(extra or {})},
+                state="sent" if channel == "http" else "pending",
+                attempts=0,
+                created_at=now,
+                sent_at=now if channel == "http" else None,
+            )
+            .returning(O.id)
+        ).scalar_one()
+
+    async def record_reply(
+        self, claim: Claim, seq: int, name: str, text: str, extra: dict[str, Any] | None = None
+    ) -> int | None:
+        """Queue an outbound message to the claim's conversation and record the step that
+        sends it, in one fenced transaction. Returns the outbox id (``None`` for work that
+        has no conversation: the text is kept in the step record only)."""
+        record = self._record_finished  # type: ignore[attr-defined]
+        params_for = self._step_params  # type: ignore[attr-defined]
+
+        def tx(conn: Connection) -> int | None:
+            check_lease(conn, claim)
+            now = utcnow()
+            outbox_id = None
+            if claim.conversation_id is not None:  # work started by the API has nobody to tell
+                channel = conn.execute(
+                    sa.select(C.channel).where(C.id == claim.conversation_id)
+                ).scalar_one()
+                outbox_id = self._outbox(
+                    conn, claim.conversation_id, channel, claim.work_id, text, step_seq=seq,
+                    extra=extra,
+                )  # fmt: skip
+            write = StepWrite(
+                seq=seq,
+                name=name,
+                attempt=1,
+                idempotency_key=f"{claim.work_id}:{seq}",
+                started_at=now,
+                status="succeeded",
+                output={"outbox_id": outbox_id, "text": text},
+                finished_at=now,
+            )
+            if conn.execute(record, params_for(claim, write)).first() is None:
+                check_lease(conn, claim)
+            return outbox_id
+
+        return await self.engines.run_write(tx)
+
+    async def find_conversation(self, channel: str, chat_id: str, thread_id: str = "") -> Any:
+        q = sa.select(conversation_t).where(
+            C.channel == channel, C.chat_id == chat_id, C.thread_id == thread_id
+        )
+        async with self._read() as conn:
+            return (await conn.execute(q)).first()
+
+    async def list_messages(
+        self, conversation_id: str, *, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Both directions of a conversation in order: ``{id, direction, text, created_at,
+        wait_id, actions, work_id}``."""
+        ins = sa.select(inbox_t).where(I.conversation_id == conversation_id).order_by(I.id)
+        outs = sa.select(outbox_t).where(O.conversation_id == conversation_id).order_by(O.id)
+        async with self._read() as conn:
+            rows_in = (await conn.execute(ins.limit(limit))).all()
+            rows_out = (await conn.execute(outs.limit(limit))).all()
+        messages = [
+            {
+                "id": f"in-{r.id}",
+                "direction": "in",
+                "text": r.text,
+                "created_at": r.created_at,
+                "work_id": r.work_id,
+                "wait_id": r.wait_id,
+                "disposition": r.disposition,
+            }
+            for r in rows_in
+        ] + [
+            {
+                "id": f"out-{r.id}",
+                "direction": "out",
+                "text": (r.payload or {}).get("text", ""),
+                "created_at": r.created_at,
+                "work_id": r.work_id,
+                "wait_id": (r.payload or {}).get("wait_id"),
+                "actions": (r.payload or {}).get("actions"),
+            }
+            for r in rows_out
+        ]
+        messages.sort(key=lambda m: (m["created_at"], m["id"]))
+        return messages[-limit:]
