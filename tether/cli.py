@@ -246,6 +246,15 @@ UrlOpt = Annotated[
 ]
 
 
+def _table(*columns: str) -> Table:
+    """A table whose first column is a full, unwrapped id (ids are what scripts copy)."""
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=28)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
@@ -270,7 +279,7 @@ def work_ls(
     if as_json:
         _print_json(data)
         return
-    table = Table("id", "agent", "state", "attempt", "updated", "reason")
+    table = _table("agent", "state", "attempt", "updated", "reason")
     for w in data["items"]:
         table.add_row(
             w["id"], w["agent"], w["state"], str(w["attempt"]), w["updated_at"][:19],
@@ -433,7 +442,7 @@ def waits(
     if as_json:
         _print_json(data["items"])
         return
-    table = Table("id", "work", "kind", "prompt / name", "deadline", "state")
+    table = _table("work", "kind", "prompt / name", "deadline", "state")
     for w in data["items"]:
         label = w.get("prompt") or w.get("name") or ""
         if w.get("key"):
