@@ -172,7 +172,7 @@ class WaitQueries(LedgerBase):
             if row is None:
                 created = conn.execute(
                     self._insert(wait_t)
-                    .values(_new_wait_row(claim, spec, now))
+                    .values(_new_wait_row(conn, claim, spec, now))
                     .on_conflict_do_nothing(index_elements=["work_id", "step_seq"])
                     .returning(A.id)
                 ).first()
@@ -239,7 +239,7 @@ class WaitQueries(LedgerBase):
             check_lease(conn, claim)
             now = utcnow()
             spec = WaitSpec(seq=seq, kind="signal", name=name)
-            row = _new_wait_row(claim, spec, now)
+            row = _new_wait_row(conn, claim, spec, now)
             row["token"] = secrets.token_urlsafe(24)
             conn.execute(
                 self._insert(wait_t)
@@ -421,7 +421,14 @@ class WaitQueries(LedgerBase):
             return [Wait(**r._mapping) for r in await conn.execute(q)]
 
 
-def _new_wait_row(claim: Claim, spec: WaitSpec, now: datetime) -> dict[str, Any]:
+def _new_wait_row(conn: Connection, claim: Claim, spec: WaitSpec, now: datetime) -> dict[str, Any]:
+    """A pending wait; it resumes on the channel of the work item's conversation."""
+    conversation_id = spec.conversation_id or claim.conversation_id
+    channel = spec.channel
+    if channel is None and conversation_id is not None:
+        channel = conn.execute(
+            sa.select(conversation_t.c.channel).where(conversation_t.c.id == conversation_id)
+        ).scalar_one_or_none()
     return {
         "id": new_id(),
         "work_id": claim.work_id,
@@ -432,8 +439,8 @@ def _new_wait_row(claim: Claim, spec: WaitSpec, now: datetime) -> dict[str, Any]
         "token": None,
         "prompt": spec.prompt,
         "payload_schema": spec.payload_schema,
-        "channel": spec.channel,
-        "conversation_id": spec.conversation_id or claim.conversation_id,
+        "channel": channel,
+        "conversation_id": conversation_id,
         "deadline": spec.deadline,
         "on_timeout": spec.on_timeout,
         "state": PENDING,

@@ -158,6 +158,8 @@ async def test_an_invalid_answer_is_reasked_and_a_valid_one_resumes(ledger: Ledg
         convo = await wait_for_out(http, "c2", 1)
         question = convo[-1]
         assert question["text"] == "How many?" and question["wait_id"]
+        wait = await ledger.get_wait(question["wait_id"])
+        assert (wait.channel, wait.kind) == ("http", "input") and wait.conversation_id
         bad = await post(http, "c2", "five")
         assert (bad["disposition"], bad["work_id"]) == ("reasked", started["work_id"])
         convo = await wait_for_out(http, "c2", 2)

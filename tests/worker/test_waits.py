@@ -104,6 +104,7 @@ async def test_sleep_parks_the_item_and_the_scheduler_wakes_it(ledger: Ledger) -
     assert "waiting" in types and "timer_fired" in types
     [wait] = await ledger.list_waits(work_id=work.id)
     assert (wait.kind, wait.state, wait.resolved_by) == ("timer", "resolved", "scheduler")
+    assert wait.channel is None  # started through the API: no conversation to resume on
 
 
 async def test_an_overdue_timer_fires_when_the_scheduler_starts(ledger: Ledger) -> None:
