@@ -14,16 +14,19 @@ import os
 import pathlib
 import re
 import tomllib
+import zoneinfo
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal, get_args
 
 import pydantic_settings
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,7 +38,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "SettingsError", "WebhookConfig", "load_settings"]
+__all__ = ["ScheduleConfig", "Settings", "SettingsError", "WebhookConfig", "load_settings"]
 
 ENV_PREFIX = "TETHER_"
 CONFIG_ENV_VAR = "TETHER_CONFIG"
@@ -121,6 +124,70 @@ class WebhookConfig(BaseModel):
         if self.agent is not None and self.key_field is not None:
             raise _Rule(f"webhook {self.name!r}: 'key_field' only applies to 'signal' webhooks")
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Cron schedules
+
+
+class ScheduleConfig(BaseModel):
+    """One cron schedule: the scheduler starts work on ``agent`` with ``input`` at every fire
+    time of ``cron`` (deduplicated on the schedule's name and the fire time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Unique slug: lowercase letters, digits, '-' and '_'.")
+    cron: str = Field(
+        description="Standard 5-field crontab expression: minute hour day-of-month month "
+        "day-of-week (e.g. '*/15 9-17 * * mon-fri')."
+    )
+    agent: str = Field(min_length=1, description="Agent that runs at each fire time.")
+    input: Any = Field(default=None, description="Input of each run (any JSON value).")
+    timezone: str = Field(
+        default="UTC", description="IANA time zone the cron expression is read in."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise _Rule(
+                "must be a slug (lowercase letters, digits, '-' and '_', "
+                "starting with a letter or digit)"
+            )
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str, info: ValidationInfo) -> str:
+        value = " ".join(value.split())
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise _Rule(
+                f"{_schedule_label(info)}must be a 5-field crontab expression "
+                "(minute hour day-of-month month day-of-week)",
+                str(exc),
+            ) from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise _Rule(
+                f"{_schedule_label(info)}must be an IANA time zone name "
+                "such as 'UTC' or 'Europe/Berlin'"
+            ) from None
+        return value
+
+
+def _schedule_label(info: ValidationInfo) -> str:
+    name = (info.data or {}).get("name")
+    return f"schedule {name!r}: " if name else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +293,11 @@ class Settings(BaseSettings):
     webhooks: Annotated[list[WebhookConfig], NoDecode] = Field(
         default_factory=list,
         description="Inbound webhooks: a JSON list in TETHER_WEBHOOKS, [[webhooks]] in TOML.",
+    )
+    schedules: Annotated[list[ScheduleConfig], NoDecode] = Field(
+        default_factory=list,
+        description="Cron schedules that start work: a JSON list in TETHER_SCHEDULES, "
+        "[[schedules]] in TOML.",
     )
     agent_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["worker.agents"],
@@ -339,17 +411,18 @@ class Settings(BaseSettings):
             raise _Rule(f"not a dotted module name: {', '.join(repr(m) for m in bad)}")
         return value
 
-    @field_validator("webhooks", mode="before")
+    @field_validator("webhooks", "schedules", mode="before")
     @classmethod
-    def _decode_webhooks(cls, value: Any) -> Any:
+    def _decode_json_list(cls, value: Any, info: ValidationInfo) -> Any:
+        what = "webhook" if info.field_name == "webhooks" else "schedule"
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 # The message names a position, never the content.
-                raise _Rule(f"must be a JSON list of webhook objects ({exc})") from None
+                raise _Rule(f"must be a JSON list of {what} objects ({exc})") from None
         if isinstance(value, dict):
-            raise _Rule("must be a list of webhook objects, not a single object")
+            raise _Rule(f"must be a list of {what} objects, not a single object")
         return value
 
     @field_validator("webhooks")
@@ -363,6 +436,19 @@ class Settings(BaseSettings):
             seen.add(hook.name)
         if dupes:
             raise _Rule(f"duplicate webhook name(s): {', '.join(repr(d) for d in dupes)}")
+        return value
+
+    @field_validator("schedules")
+    @classmethod
+    def _unique_schedules(cls, value: list[ScheduleConfig]) -> list[ScheduleConfig]:
+        seen: set[str] = set()
+        dupes: list[str] = []
+        for schedule in value:
+            if schedule.name in seen and schedule.name not in dupes:
+                dupes.append(schedule.name)
+            seen.add(schedule.name)
+        if dupes:
+            raise _Rule(f"duplicate schedule name(s): {', '.join(repr(d) for d in dupes)}")
         return value
 
     @field_validator("lease_ttl")
@@ -417,6 +503,12 @@ _SECRET_FIELDS = frozenset(
     }
 )
 _WEBHOOK_ECHO = frozenset({"name", "scheme", "agent", "signal", "key_field"})
+#: Per list-of-tables setting: its model (for "did you mean") and the keys whose values may be
+#: echoed in error messages.
+_TABLES: dict[str, tuple[type[BaseModel], frozenset[str]]] = {
+    "webhooks": (WebhookConfig, _WEBHOOK_ECHO),
+    "schedules": (ScheduleConfig, frozenset({"name", "cron", "agent", "timezone"})),
+}
 
 
 def _env_lookup() -> dict[str, str]:
@@ -502,7 +594,7 @@ def _problems(
             where = f"{field}{rest}" or "settings"
 
         if err["type"] == "extra_forbidden" and not top_level_extra:
-            model = WebhookConfig if field == "webhooks" else None
+            model = _TABLES[field][0] if field in _TABLES else None
             lines.append(f"{where}: unknown key{_suggest(str(loc[-1]), model)}")
             continue
         if top_level_extra:
@@ -516,7 +608,7 @@ def _problems(
         rule, why = _describe(err)
         shown: str | None = None
         echo_ok = field not in _SECRET_FIELDS and (
-            field != "webhooks" or (len(loc) == 3 and loc[2] in _WEBHOOK_ECHO)
+            field not in _TABLES or (len(loc) == 3 and loc[2] in _TABLES[field][1])
         )
         if echo_ok and "input" in err:
             shown = _show(err["input"])

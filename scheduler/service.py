@@ -1,13 +1,16 @@
-"""The scheduler role: APScheduler jobs over the ledger: the lease reaper and wait deadlines."""
+"""The scheduler role: APScheduler jobs over the ledger: the lease reaper, wait deadlines and
+cron schedules."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from ledger import Ledger
+from scheduler.cron import DEFAULT_GRACE, CronSchedule, CronSchedules, ScheduleLike
 from scheduler.timers import WaitTimers
 
 log = logging.getLogger(__name__)
@@ -16,12 +19,25 @@ log = logging.getLogger(__name__)
 class SchedulerService:
     """Runs the periodic jobs of one scheduler process until :meth:`stop`."""
 
-    def __init__(self, ledger: Ledger, *, reaper_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        reaper_interval: float = 2.0,
+        schedules: Iterable[CronSchedule | ScheduleLike] = (),
+        schedule_grace: float = DEFAULT_GRACE,
+    ) -> None:
         self.ledger = ledger
         self.reaper_interval = reaper_interval
+        # Built here, so a bad cron expression fails at start-up rather than at run().
+        self.schedules = [
+            s if isinstance(s, CronSchedule) else CronSchedule.from_config(s) for s in schedules
+        ]
+        self.schedule_grace = schedule_grace
         self._stopping = asyncio.Event()
         self._scheduler: AsyncIOScheduler | None = None
         self.timers: WaitTimers | None = None
+        self.cron: CronSchedules | None = None
         self.reaped = 0
 
     async def reap_expired_leases(self) -> None:
@@ -54,14 +70,21 @@ class SchedulerService:
         await self.ledger.listen()
         self.timers = WaitTimers(self.ledger, self._scheduler)
         await self.timers.start()
+        self.cron = CronSchedules(
+            self.ledger, self._scheduler, self.schedules, grace=self.schedule_grace
+        )
+        await self.cron.start()
         log.info(
-            "scheduler running: lease reaper every %.1fs, wait deadlines within %.0fs loaded",
+            "scheduler running: lease reaper every %.1fs, wait deadlines within %.0fs loaded, "
+            "%d cron schedule(s)",
             self.reaper_interval,
             self.timers.horizon,
+            len(self.schedules),
         )
         await self.reap_expired_leases()  # overdue work right away after a restart
         try:
             await self._stopping.wait()
         finally:
             self._scheduler.shutdown(wait=False)
+            await self.timers.stop()
             log.info("scheduler stopped")

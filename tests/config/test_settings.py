@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from config import Settings, SettingsError, WebhookConfig, load_settings
+from config.settings import ScheduleConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "config" / "tether.example.toml"
@@ -52,6 +53,7 @@ def test_defaults() -> None:
     assert s.slack_bot_token is None and s.slack_signing_secret is None
     assert s.slack_api_base == "https://slack.com/api/"
     assert s.webhooks == []
+    assert s.schedules == []
     assert s.agent_modules == ["worker.agents"]
     assert s.default_agent == "demo"
     assert s.lease_ttl == 30.0
@@ -336,6 +338,102 @@ def test_webhook_secret_never_echoed(tmp_path: pathlib.Path) -> None:
     assert "s3cr3t-value" not in msg and "424242" not in msg
 
 
+# ---- cron schedules ---------------------------------------------------------------------------
+
+
+def test_schedules_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "TETHER_SCHEDULES",
+        '[{"name": "nightly", "cron": "0  3 * * *", "agent": "report", "input": {"k": [1]}},'
+        ' {"name": "berlin", "cron": "*/15 9-17 * * mon-fri", "agent": "ping",'
+        ' "timezone": "Europe/Berlin"}]',
+    )
+    nightly, berlin = load_settings().schedules
+    assert isinstance(nightly, ScheduleConfig)
+    assert (nightly.name, nightly.cron, nightly.agent) == ("nightly", "0 3 * * *", "report")
+    assert nightly.input == {"k": [1]} and nightly.timezone == "UTC"
+    assert (berlin.cron, berlin.timezone, berlin.input) == (
+        "*/15 9-17 * * mon-fri",
+        "Europe/Berlin",
+        None,
+    )
+
+
+def test_schedules_from_toml(tmp_path: pathlib.Path) -> None:
+    path = write(
+        tmp_path,
+        '[[schedules]]\nname = "hourly"\ncron = "5 * * * *"\nagent = "a"\n'
+        'input = { text = "hi", n = 2 }\n'
+        '[[schedules]]\nname = "daily"\ncron = "0 0 * * *"\nagent = "b"\n'
+        'timezone = "America/New_York"\n',
+    )
+    hourly, daily = load_settings(path).schedules
+    assert (hourly.name, hourly.input) == ("hourly", {"text": "hi", "n": 2})
+    assert (daily.name, daily.timezone) == ("daily", "America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("cron", "why"),
+    [
+        ("0 0 * * * *", "got 6, expected 5"),  # a seconds field is not standard crontab
+        ("* * * *", "got 4, expected 5"),
+        ("61 * * * *", "61"),
+        ("0 0 * * funday", "funday"),
+    ],
+)
+def test_schedule_bad_cron(monkeypatch: pytest.MonkeyPatch, cron: str, why: str) -> None:
+    monkeypatch.setenv(
+        "TETHER_SCHEDULES", f'[{{"name": "nightly", "cron": "{cron}", "agent": "a"}}]'
+    )
+    msg = problem()
+    assert msg.startswith("TETHER_SCHEDULES[0].cron: schedule 'nightly': must be a 5-field")
+    assert why in msg and len(msg.splitlines()) == 1
+
+
+def test_schedule_bad_cron_in_toml(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path, '[[schedules]]\nname = "x"\ncron = "every day"\nagent = "a"\n')
+    msg = problem(config_file=path)
+    assert msg.startswith(f"config file {path}: schedules[0].cron: schedule 'x': must be")
+    assert "'every day'" in msg
+
+
+def test_schedule_duplicate_names(tmp_path: pathlib.Path) -> None:
+    one = '[[schedules]]\nname = "dup"\ncron = "* * * * *"\nagent = "a"\n'
+    path = write(tmp_path, one + one + one.replace("dup", "ok"))
+    msg = problem(config_file=path)
+    assert msg == f"config file {path}: schedules: duplicate schedule name(s): 'dup'"
+
+
+def test_schedule_bad_timezone_name_and_unknown_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "TETHER_SCHEDULES",
+        '[{"name": "tz", "cron": "* * * * *", "agent": "a", "timezone": "Mars/Olympus"},'
+        ' {"name": "Nightly Run", "cron": "* * * * *", "agent": "a", "agnet": "b"}]',
+    )
+    lines = problem().splitlines()
+    assert lines == [
+        "TETHER_SCHEDULES[0].timezone: schedule 'tz': must be an IANA time zone name such as "
+        "'UTC' or 'Europe/Berlin' (got Mars/Olympus)",
+        "TETHER_SCHEDULES[1].name: must be a slug (lowercase letters, digits, '-' and '_', "
+        "starting with a letter or digit) (got 'Nightly Run')",
+        "TETHER_SCHEDULES[1].agnet: unknown key (did you mean 'agent'?)",
+    ]
+
+
+def test_schedules_env_must_be_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_SCHEDULES", '{"name": "x", "cron": "* * * * *", "agent": "a"}')
+    assert problem() == (
+        "TETHER_SCHEDULES: must be a list of schedule objects, not a single object"
+    )
+    monkeypatch.setenv("TETHER_SCHEDULES", "[{")
+    assert problem().startswith("TETHER_SCHEDULES: must be a JSON list of schedule objects")
+
+
+def test_schedule_missing_fields() -> None:
+    with pytest.raises(ValueError, match="agent"):
+        ScheduleConfig(name="x", cron="* * * * *")  # type: ignore[call-arg]
+
+
 # ---- validation errors name the variable or the file -------------------------------------------
 
 
@@ -457,6 +555,12 @@ def test_example_toml_loads() -> None:
     assert s.lease_ttl == 30.0
     assert [w.name for w in s.webhooks] == ["github-push", "payments"]
     assert s.webhooks[1].key_field == "order_id"
+    (schedule,) = s.schedules
+    assert (schedule.name, schedule.cron, schedule.timezone) == (
+        "weekday-digest",
+        "30 8 * * mon-fri",
+        "Europe/Berlin",
+    )
 
 
 def test_example_toml_mentions_every_setting() -> None:
