@@ -334,24 +334,69 @@ class WaitQueries(LedgerBase):
         Returns ``[(wait_id, what_happened)]``."""
         postgres = self.dialect == "postgresql"
 
+        def fire_timers(conn: Connection, now: datetime) -> list[tuple[str, str]]:
+            """Due timers, set-based: one statement resolves the batch, one wakes its items."""
+            pick = (
+                sa.select(A.id)
+                .where(A.state == PENDING, A.kind == "timer", A.deadline <= now)
+                .order_by(A.deadline)
+                .limit(limit)
+            )
+            picked: Any = pick.scalar_subquery()
+            if postgres:  # lock the batch once (see WorkQueries.claim_work)
+                cte = pick.with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED")
+                picked = sa.select(cte.c.id)
+            fired = conn.execute(
+                sa.update(wait_t)
+                .where(A.id.in_(picked), A.state == PENDING)
+                .values(
+                    state=RESOLVED,
+                    resolution={"fired": "due"},
+                    resolved_by="scheduler",
+                    resolved_at=now,
+                )
+                .returning(A.id, A.work_id)
+            ).all()
+            if fired:
+                ids = [r.id for r in fired]
+                w = wait_t.alias("fired")
+                waits_on_it = sa.exists().where(
+                    w.c.id.in_(ids),
+                    w.c.work_id == W.id,
+                    W.wait_reason.like(w.c.kind + " " + w.c.id + "%"),
+                )
+                conn.execute(
+                    sa.update(work_t)
+                    .where(
+                        W.id.in_([r.work_id for r in fired]),
+                        W.state == WorkState.WAITING.value,
+                        waits_on_it,
+                    )
+                    .values(
+                        state=WorkState.QUEUED.value,
+                        wait_reason=None,
+                        state_reason="timer_fired",
+                        state_detail={"kind": "timer"},
+                        updated_at=now,
+                    )
+                )
+            return [(r.id, "fired") for r in fired]
+
         def tx(conn: Connection) -> list[tuple[str, str]]:
             now = utcnow()
+            done = fire_timers(conn, now)
+            # Deadlines of approvals, input and signals are rare: one by one.
             q = (
                 sa.select(wait_t)
-                .where(A.state == PENDING, A.deadline <= now)
+                .where(A.state == PENDING, A.kind != "timer", A.deadline <= now)
                 .order_by(A.deadline)
                 .limit(limit)
             )
             if postgres:
                 q = q.with_for_update(skip_locked=True)
-            done: list[tuple[str, str]] = []
             for row in conn.execute(q).all():
-                if row.kind == "timer":
-                    values: dict[str, Any] = {"state": RESOLVED, "resolution": {"fired": "due"}}
-                    values |= {"resolved_by": "scheduler", "resolved_at": now}
-                    what, reason = "fired", "timer_fired"
-                elif row.on_timeout == "escalate":
-                    values = {"deadline": None, "escalated_at": now}
+                if row.on_timeout == "escalate":
+                    values: dict[str, Any] = {"deadline": None, "escalated_at": now}
                     what, reason = "escalated", "escalated"
                 else:
                     values = {"state": TIMED_OUT, "resolution": {"timed_out": True}}
