@@ -1,19 +1,24 @@
-"""The operator API under ``/api/v1``: start, list, inspect and steer work; list workers.
+"""The operator API under ``/api/v1``: start, list, inspect and steer work (pause, resume,
+cancel, retry, restart from a step); re-send or abandon outbound messages; list workers.
 
 Every route but ``/api/v1/openapi.json`` needs ``Authorization: Bearer <operator token>``
 (checked by :func:`operator_auth` for everything under ``/api/``, so a route added later is
 protected by default). Handlers validate all input before touching the ledger and answer only
 after the ledger call returned, i.e. after its transaction committed. Errors are raised as
-:class:`ApiError` (or ledger errors) and rendered by the app's error middleware.
-Imports ledger and config.
+:class:`ApiError` (or ledger errors) and rendered by the app's error middleware. Every action
+records who did it: ``operator``, or ``operator:<name>`` with an ``X-Tether-Operator: <name>``
+header. Imports ledger and config.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -21,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.settings import Settings
 from gateway.openapi import OPENAPI
-from gateway.serialize import wait_json, work_detail, work_json, worker_json
+from gateway.serialize import outbox_json, wait_json, work_detail, work_json, worker_json
 from ledger import Ledger, WorkState
+from ledger.control import InvalidRestartStep
+from ledger.conversations import OUTBOX_STATES, OutboxNotFound
 
 PREFIX = "/api/v1"
 #: paths under /api/ that need no token
@@ -35,6 +42,14 @@ DEFAULT_LIST_LIMIT = 100
 _INT32 = 2**31 - 1
 # ids the ledger hands out are 28 hex characters; anything else cannot name a work item
 _WORK_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
+#: outbox ids are positive integers (32-bit in the database)
+_OUTBOX_ID = re.compile(r"[1-9][0-9]{0,9}")
+#: names the operator (``X-Tether-Operator``): printable, no control characters
+OPERATOR_HEADER = "X-Tether-Operator"
+MAX_OPERATOR_NAME = 100
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]+")
+#: ISO 8601 with its "+" offset sent unencoded: the query string turned "+" into " "
+_SPACED_OFFSET = re.compile(r" (\d{2}(?::?\d{2})?)$")
 
 LEDGER_KEY = web.AppKey("tether.ledger", Ledger)
 SETTINGS_KEY = web.AppKey("tether.settings", Settings)
@@ -290,6 +305,86 @@ def _work_id(request: web.Request) -> str:
     return work_id
 
 
+def actor_of(request: web.Request) -> str:
+    """Who acts: ``operator``, or ``operator:<name>`` from the ``X-Tether-Operator`` header."""
+    values = request.headers.getall(OPERATOR_HEADER, [])
+    if not values:
+        return ACTOR
+    if len(values) > 1:
+        raise bad_request(f"header {OPERATOR_HEADER} given more than once")
+    name = values[0].strip()
+    if (
+        not name
+        or len(name) > MAX_OPERATOR_NAME
+        or not _PRINTABLE.fullmatch(name)
+        or _bad_text(name)
+    ):
+        raise bad_request(
+            f"header {OPERATOR_HEADER} must be 1 to {MAX_OPERATOR_NAME} printable characters"
+        )
+    return f"{ACTOR}:{name}"
+
+
+def _limit(params: dict[str, str]) -> int:
+    if "limit" not in params:
+        return DEFAULT_LIST_LIMIT
+    raw = params["limit"]
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise bad_request(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+    return int(raw)
+
+
+def _timestamp(params: dict[str, str], name: str) -> datetime | None:
+    """An ISO 8601 date-time (a date alone is midnight; no offset means UTC)."""
+    raw = params.get(name)
+    if raw is None:
+        return None
+    text = raw.strip().upper()
+    for candidate in (text, _SPACED_OFFSET.sub(r"+\1", text)):
+        try:
+            value = datetime.fromisoformat(candidate)
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return value.astimezone(UTC)
+        except (ValueError, OverflowError):
+            continue
+    raise bad_request(
+        f"{name} must be an ISO 8601 date-time such as 2025-01-31T09:30:00Z, not {raw!r}"
+    )
+
+
+def _text_param(params: dict[str, str], name: str, max_length: int) -> str | None:
+    value = params.get(name)
+    if value is not None and not 1 <= len(value) <= max_length:
+        raise bad_request(f"{name} must be 1 to {max_length} characters")
+    return value
+
+
+def encode_cursor(work: Any) -> str:
+    """The opaque cursor after ``work``: its ``(created_at, id)``, base64url-encoded."""
+    created = work.created_at
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    raw = json.dumps([created.astimezone(UTC).isoformat(), work.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The ``(created_at, id)`` a cursor from :func:`encode_cursor` names; 400 otherwise."""
+    invalid = bad_request("cursor is not valid: pass the next_cursor of a previous page as is")
+    if not 1 <= len(cursor) <= 200 or not cursor.isascii():
+        raise invalid
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_raw, work_id = json.loads(raw.decode("utf-8"))
+        created = datetime.fromisoformat(created_raw)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise invalid from None
+    if created.tzinfo is None or not isinstance(work_id, str) or not _WORK_ID.fullmatch(work_id):
+        raise invalid
+    return created, work_id
+
+
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -308,7 +403,7 @@ async def create_work(request: web.Request) -> web.Response:
         source_event_id=key,
         max_attempts=body.max_attempts or app[SETTINGS_KEY].max_attempts,
         priority=body.priority,
-        actor=ACTOR,
+        actor=actor_of(request),
     )
     if not created and (work.agent != body.agent or work.input != body.input):
         # The key names an earlier, different request: refuse rather than pretend.
@@ -325,25 +420,55 @@ async def create_work(request: web.Request) -> web.Response:
     )
 
 
+#: query parameters of GET /api/v1/work
+LIST_PARAMS = (
+    "state",
+    "agent",
+    "conversation_id",
+    "source",
+    "created_after",
+    "created_before",
+    "updated_after",
+    "updated_before",
+    "q",
+    "limit",
+    "cursor",
+)
+
+
 async def list_work(request: web.Request) -> web.Response:
-    params = _query(request, ("state", "agent", "limit"))
+    """Work items matching the filters, newest first, a page at a time, with counts."""
+    params = _query(request, LIST_PARAMS)
     state = params.get("state")
     valid = [s.value for s in WorkState]
     if state is not None and state not in valid:
         raise bad_request(f"unknown state {state!r}; valid states: {', '.join(valid)}")
-    agent = params.get("agent")
-    if agent is not None and not 1 <= len(agent) <= 200:
-        raise bad_request("agent must be 1 to 200 characters")
-    limit = DEFAULT_LIST_LIMIT
-    if "limit" in params:
-        raw = params["limit"]
-        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-            raise bad_request(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
-        limit = int(raw)
+    conversation_id = params.get("conversation_id")
+    if conversation_id is not None and not _WORK_ID.fullmatch(conversation_id):
+        raise bad_request("conversation_id is not a conversation id")
+    limit = _limit(params)
+    cursor = params.get("cursor")
+    filters: dict[str, Any] = {
+        "state": state,
+        "agent": _text_param(params, "agent", 200),
+        "conversation_id": conversation_id,
+        "source": _text_param(params, "source", 200),
+        "text": _text_param(params, "q", 200),
+        "before": decode_cursor(cursor) if cursor is not None else None,
+    }
+    for name in ("created_after", "created_before", "updated_after", "updated_before"):
+        filters[name] = _timestamp(params, name)
     ledger = request.app[LEDGER_KEY]
-    items = await ledger.list_work(state=state, agent=agent, limit=limit)
-    counts = await ledger.count_by_state()
-    return web.json_response({"items": [work_json(w) for w in items], "counts": counts})
+    items = await ledger.search_work(**filters, limit=limit + 1)
+    next_cursor = encode_cursor(items[limit - 1]) if len(items) > limit else None
+    counts = await ledger.work_overview()
+    return web.json_response(
+        {
+            "items": [work_json(w) for w in items[:limit]],
+            "next_cursor": next_cursor,
+            "counts": counts,
+        }
+    )
 
 
 async def get_work(request: web.Request) -> web.Response:
@@ -354,8 +479,18 @@ async def get_work(request: web.Request) -> web.Response:
     events = await ledger.list_recent_events(work_id, limit=DETAIL_EVENTS)
     children = await ledger.list_children(work_id)
     waits = [wait_json(w) for w in await ledger.list_waits(work_id=work_id, limit=100)]
+    current_wait = await ledger.get_current_wait(work_id)
+    messages = await ledger.list_messages(work.conversation_id) if work.conversation_id else []
     return web.json_response(
-        work_detail(work, steps=steps, waits=waits, events=events, children=children)
+        work_detail(
+            work,
+            steps=steps,
+            waits=waits,
+            events=events,
+            children=children,
+            current_wait=current_wait,
+            messages=messages,
+        )
     )
 
 
@@ -364,16 +499,86 @@ def _action(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         work_id = _work_id(request)
         parse_body(EmptyBody, await read_json_object(request, allow_empty=True))
         ledger = request.app[LEDGER_KEY]
-        work = await getattr(ledger, f"{name}_work")(work_id, actor=ACTOR)
+        actor = actor_of(request)
+        work = await getattr(ledger, f"{name}_work")(work_id, actor=actor)
         return web.json_response(work_json(work))
 
     handler.__name__ = f"{name}_work"
     return handler
 
 
+class RestartBody(BaseModel):
+    """``POST /api/v1/work/{id}/restart``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    from_step: int = Field(ge=1, le=_INT32)
+
+
+async def restart_work(request: web.Request) -> web.Response:
+    """Fork the work item into a new one that keeps steps 1..from_step-1 (201, the fork)."""
+    work_id = _work_id(request)
+    body = parse_body(RestartBody, await read_json_object(request))
+    actor = actor_of(request)
+    try:
+        fork = await request.app[LEDGER_KEY].restart_from_step(work_id, body.from_step, actor)
+    except InvalidRestartStep as exc:
+        raise bad_request(str(exc), "invalid_step") from None
+    return web.json_response(
+        work_json(fork), status=201, headers={"Location": f"{PREFIX}/work/{fork.id}"}
+    )
+
+
 async def list_workers(request: web.Request) -> web.Response:
-    workers = await request.app[LEDGER_KEY].list_workers()
-    return web.json_response([worker_json(w) for w in workers])
+    ledger = request.app[LEDGER_KEY]
+    workers = await ledger.list_workers()
+    leases = await ledger.count_leases_by_owner()
+    return web.json_response([worker_json(w, leases_held=leases.get(w.id, 0)) for w in workers])
+
+
+# -- outbound messages -------------------------------------------------------------------------
+
+
+def _outbox_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not _OUTBOX_ID.fullmatch(raw) or int(raw) > _INT32:
+        raise ApiError(404, "not_found", "no outbound message with that id")
+    return int(raw)
+
+
+async def list_outbox(request: web.Request) -> web.Response:
+    """Outbound messages, newest first (``?state=unknown``: the ones whose delivery is in
+    doubt)."""
+    params = _query(request, ("state", "work_id", "conversation_id", "limit"))
+    state = params.get("state")
+    if state is not None and state not in OUTBOX_STATES:
+        raise bad_request(f"unknown state {state!r}; valid states: {', '.join(OUTBOX_STATES)}")
+    for name in ("work_id", "conversation_id"):
+        if name in params and not _WORK_ID.fullmatch(params[name]):
+            raise bad_request(f"{name} is not an id")
+    messages = await request.app[LEDGER_KEY].list_outbox(
+        state=state,
+        work_id=params.get("work_id"),
+        conversation_id=params.get("conversation_id"),
+        limit=_limit(params),
+    )
+    return web.json_response({"items": [outbox_json(m) for m in messages]})
+
+
+def _outbox_action(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        outbox_id = _outbox_id(request)
+        parse_body(EmptyBody, await read_json_object(request, allow_empty=True))
+        actor = actor_of(request)
+        ledger = request.app[LEDGER_KEY]
+        try:
+            message = await getattr(ledger, f"{name}_outbox")(outbox_id, actor)
+        except OutboxNotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        return web.json_response(outbox_json(message))
+
+    handler.__name__ = f"{name}_outbox"
+    return handler
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -381,6 +586,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 ACTIONS = ("pause", "resume", "cancel", "retry")
+OUTBOX_ACTIONS = ("resend", "abandon")
 
 
 def setup_api(app: web.Application) -> None:
@@ -391,5 +597,9 @@ def setup_api(app: web.Application) -> None:
     r.add_get(f"{PREFIX}/work/{{id}}", get_work)
     for name in ACTIONS:
         r.add_post(f"{PREFIX}/work/{{id}}/{name}", _action(name))
+    r.add_post(f"{PREFIX}/work/{{id}}/restart", restart_work)
+    r.add_get(f"{PREFIX}/outbox", list_outbox)
+    for name in OUTBOX_ACTIONS:
+        r.add_post(f"{PREFIX}/outbox/{{id}}/{name}", _outbox_action(name))
     r.add_get(f"{PREFIX}/workers", list_workers)
     r.add_get(f"{PREFIX}/openapi.json", openapi)

@@ -31,7 +31,10 @@ from gateway.api import (
     operator_auth,
     setup_api,
 )
+from gateway.console import setup_console
+from gateway.events import setup_events
 from gateway.http_chat import setup_http_chat
+from gateway.metrics import setup_metrics
 from gateway.resume import setup_resume
 from gateway.waits_api import already_resolved, setup_waits_api
 from ledger import IllegalTransition, Ledger, LedgerUnavailable, WorkNotFound
@@ -210,4 +213,7 @@ def create_app(
     setup_waits_api(app)
     setup_resume(app)
     setup_http_chat(app, chat_policies or {})
+    setup_console(app)
+    setup_events(app)
+    setup_metrics(app)
     return app

@@ -1,8 +1,9 @@
 """The operator API's OpenAPI 3.1 document, served at ``/api/v1/openapi.json``.
 
-Written by hand next to :mod:`gateway.api`, :mod:`gateway.waits_api` and :mod:`gateway.resume`;
-a test checks that its paths and methods are exactly the routes under ``/api/`` and
-``/resume/``. Imports nothing.
+Written by hand next to :mod:`gateway.api`, :mod:`gateway.waits_api`, :mod:`gateway.resume`,
+:mod:`gateway.events` (Server-Sent Events) and :mod:`gateway.metrics` (``/metrics``, outside
+``/api``); tests check that its paths and methods are exactly those routes, that it validates
+as OpenAPI 3.1, and (schemathesis) that the live API answers as it says. Imports nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ _WORK_PROPERTIES: dict[str, Any] = {
         "step boundary",
     },
     "state_reason": {"type": "string", "description": "the event that set the current state"},
+}
+
+_OUTBOX_STATES = ["pending", "sent", "failed", "unknown", "abandoned"]
+_LIMIT_PARAM = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+}
+_OPERATOR_HEADER = {
+    "name": "X-Tether-Operator",
+    "in": "header",
+    "required": False,
+    "description": "who acts: recorded as `operator:<name>` in the history (default `operator`)",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 100,
+        "pattern": "^[^\\x00-\\x1f\\x7f]+$",
+    },
 }
 
 _ERRORS_AUTH = {
@@ -123,19 +143,88 @@ _WAIT_PROPERTIES: dict[str, Any] = {
 }
 
 
+_MESSAGE_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "string", "description": "`in-<n>` or `out-<n>`"},
+    "direction": {"type": "string", "enum": ["in", "out"]},
+    "text": {"type": "string"},
+    "created_at": _TS_REQUIRED,
+    "work_id": _STR_OR_NULL,
+    "wait_id": _STR_OR_NULL,
+    "actions": {
+        "type": ["array", "null"],
+        "description": "buttons offered with an approval prompt",
+        "items": {"type": "object"},
+    },
+    "disposition": {**_STR_OR_NULL, "description": "what an inbound message became"},
+    "outbox_id": {"type": ["integer", "null"], "description": "an outbound message's id"},
+    "state": {
+        "type": ["string", "null"],
+        "enum": [*_OUTBOX_STATES, None],
+        "description": "an outbound message's delivery state",
+    },
+}
+
+_OUTBOX_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "integer"},
+    "work_id": _STR_OR_NULL,
+    "step_seq": {"type": ["integer", "null"]},
+    "conversation_id": _STR_OR_NULL,
+    "channel": {"type": "string"},
+    "payload": {**_ANY, "description": "what is sent: `{text, ...}`"},
+    "state": {"type": "string", "enum": _OUTBOX_STATES},
+    "attempts": {"type": "integer"},
+    "next_attempt_at": _TS,
+    "external_id": {**_STR_OR_NULL, "description": "the platform's message id, once sent"},
+    "error": {**_STR_OR_NULL, "description": "the last delivery error"},
+    "created_at": _TS_REQUIRED,
+    "sent_at": _TS,
+}
+
+
 def _action(verb: str, summary: str, allowed_from: str) -> dict[str, Any]:
     return {
         "post": {
             "operationId": f"{verb}Work",
             "summary": summary,
             "description": f"Allowed from: {allowed_from}. Takes no body (empty or `{{}}`).",
-            "parameters": [_ID_PARAM],
+            "parameters": [_ID_PARAM, _OPERATOR_HEADER],
             "responses": {
                 "200": _json(_ref("Work"), "the work item after the action"),
                 "400": {"$ref": "#/components/responses/BadRequest"},
                 "404": {"$ref": "#/components/responses/NotFound"},
                 "409": _error(
                     "the action is not allowed in the item's current state "
+                    "(`illegal_transition`); nothing changed"
+                ),
+                **_ERRORS_AUTH,
+            },
+        }
+    }
+
+
+_OUTBOX_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "outbound message id",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def _outbox_action(verb: str, summary: str, allowed_from: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": f"{verb}Outbox",
+            "summary": summary,
+            "description": f"Allowed from: {allowed_from}. Takes no body (empty or `{{}}`). "
+            "The message's work item gets an event naming the operator.",
+            "parameters": [_OUTBOX_ID_PARAM, _OPERATOR_HEADER],
+            "responses": {
+                "200": _json(_ref("OutboxMessage"), "the message after the action"),
+                "400": {"$ref": "#/components/responses/BadRequest"},
+                "404": _error("no such outbound message (`not_found`)"),
+                "409": _error(
+                    "the message is not in a state the action applies to "
                     "(`illegal_transition`); nothing changed"
                 ),
                 **_ERRORS_AUTH,
@@ -151,7 +240,10 @@ OPENAPI: dict[str, Any] = {
         "version": "1",
         "description": "Start, inspect and steer durable agent work. Every route except this "
         "document needs `Authorization: Bearer <operator token>`. A 2xx answer means the "
-        "change is committed to the ledger; 503 means nothing was written: retry.",
+        "change is committed to the ledger; 503 means nothing was written: retry. Errors are "
+        '`{"error": {"code", "message"}}`, except a request whose URL (request line) is longer '
+        "than 8190 bytes: the HTTP server refuses it with a plain-text 400 before the API "
+        "sees it.",
     },
     "servers": [{"url": "/"}],
     "security": [{"bearerAuth": []}],
@@ -160,6 +252,7 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "operationId": "createWork",
                 "summary": "Start a work item",
+                "parameters": [_OPERATOR_HEADER],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("CreateWork")}},
@@ -180,18 +273,61 @@ OPENAPI: dict[str, Any] = {
             },
             "get": {
                 "operationId": "listWork",
-                "summary": "List work items, newest first, with counts by state",
+                "summary": "List work items, newest first, a page at a time, with counts",
+                "description": "Filters combine (AND). Date-times are ISO 8601 (`Z` or an "
+                "offset; none means UTC); `*_after` is inclusive, `*_before` exclusive. Pages: "
+                "pass the answer's `next_cursor` as `cursor` for the next (older) page; a walk "
+                "neither repeats nor skips an item while new work is created. A bad filter "
+                "is 400.",
                 "parameters": [
                     {
                         "name": "state",
                         "in": "query",
                         "schema": {"type": "string", "enum": _STATES},
                     },
-                    {"name": "agent", "in": "query", "schema": {"type": "string"}},
                     {
-                        "name": "limit",
+                        "name": "agent",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                    {
+                        "name": "conversation_id",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+                    },
+                    {
+                        "name": "source",
+                        "in": "query",
+                        "description": "where the work came from: `api`, `http`, `telegram`, "
+                        "`child`, `restart`, …",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                    *(
+                        {
+                            "name": f"{column}_{side}",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "date-time"},
+                        }
+                        for column in ("created", "updated")
+                        for side in ("after", "before")
+                    ),
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "description": "text found in the wait reason (case-insensitive)",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                    _LIMIT_PARAM,
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "the `next_cursor` of the previous page (opaque)",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 200,
+                            "pattern": "^[A-Za-z0-9_-]+$",
+                        },
                     },
                 ],
                 "responses": {
@@ -204,7 +340,8 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/work/{id}": {
             "get": {
                 "operationId": "getWork",
-                "summary": "A work item with its steps, waits, recent events and children",
+                "summary": "A work item with its steps, last checkpoint, waits (and the pending "
+                "one), recent events, parent and children, and its conversation's messages",
                 "parameters": [_ID_PARAM],
                 "responses": {
                     "200": _json(_ref("WorkDetail"), "the work item"),
@@ -232,10 +369,131 @@ OPENAPI: dict[str, Any] = {
             "Queue failed or cancelled work for one more attempt; recorded steps are kept",
             "failed, cancelled",
         ),
+        "/api/v1/work/{id}/restart": {
+            "post": {
+                "operationId": "restartWork",
+                "summary": "Fork the work item into a new one that keeps steps 1..from_step-1",
+                "description": "The new item (201) has the original's agent, input, "
+                "conversation and parent, source `restart`, and copies of the original's step "
+                "records before `from_step` (replayed, not run again; idempotency keys "
+                "`{new_id}:{seq}`); it runs `from_step` onward. The original is not changed; "
+                "its history gets a `restarted_as` event, the new item's `created` event "
+                "carries `{restarted_from, from_step}`. Any state but running.",
+                "parameters": [_ID_PARAM, _OPERATOR_HEADER],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RestartWork")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Work"), "the new work item, queued"),
+                    "400": _error(
+                        "a bad body, or `from_step` is not from 1 to the last recorded step + 1 "
+                        "(`bad_request`, `invalid_json`, `invalid_step`); nothing was written"
+                    ),
+                    "404": {"$ref": "#/components/responses/NotFound"},
+                    "409": _error(
+                        "the work item is running (`illegal_transition`); pause or cancel it "
+                        "first; nothing was written"
+                    ),
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/work/{id}/events": {
+            "get": {
+                "operationId": "followWorkEvents",
+                "summary": "Follow a work item's history live (Server-Sent Events, attach)",
+                "description": "A `text/event-stream`: first the history after `after` (or the "
+                "`Last-Event-ID` header, which wins), then new events as they happen, until "
+                "the item is finished (with `follow=false`: the history only). Each event is "
+                "`id: <event id>`, `event: <type>`, `data: <the event as JSON, like the detail "
+                "view's events>`. When the item is finished, a last `event: end` (no `id`) with "
+                '`data: {"work_id", "state", "last_event_id"}` ends the stream. Errors before '
+                "the stream starts are JSON.",
+                "parameters": [
+                    _ID_PARAM,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "description": "send only events with a larger id (default 0)",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "keep following after the history (default true)",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "resume after this event id (sent by an EventSource "
+                        "when it reconnects)",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the event stream",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                "example": 'id: 42\nevent: claimed\ndata: {"id": 42, '
+                                '"type": "claimed", "data": {}, "actor": null, '
+                                '"created_at": "2025-01-31T09:30:00+00:00"}\n\n',
+                            }
+                        },
+                    },
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "404": {"$ref": "#/components/responses/NotFound"},
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/outbox": {
+            "get": {
+                "operationId": "listOutbox",
+                "summary": "Outbound messages, newest first (`?state=unknown`: delivery in doubt)",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": _OUTBOX_STATES},
+                    },
+                    {
+                        "name": "work_id",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+                    },
+                    {
+                        "name": "conversation_id",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+                    },
+                    _LIMIT_PARAM,
+                ],
+                "responses": {
+                    "200": _json(_ref("OutboxList"), "matching outbound messages"),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/outbox/{id}/resend": _outbox_action(
+            "resend",
+            "Send an outbound message again: unknown → pending (its attempts are kept)",
+            "unknown",
+        ),
+        "/api/v1/outbox/{id}/abandon": _outbox_action(
+            "abandon",
+            "Give up on an outbound message: → abandoned, never delivered (again)",
+            "unknown, pending, failed",
+        ),
         "/api/v1/workers": {
             "get": {
                 "operationId": "listWorkers",
-                "summary": "Worker processes and their liveness",
+                "summary": "Worker processes, their liveness and the leases they hold",
                 "responses": {
                     "200": _json({"type": "array", "items": _ref("Worker")}, "all workers"),
                     **_ERRORS_AUTH,
@@ -387,6 +645,26 @@ OPENAPI: dict[str, Any] = {
                     "409": _ALREADY_RESOLVED,
                     "413": _error("the body is larger than 1 MiB (`payload_too_large`)"),
                     "503": {"$ref": "#/components/responses/LedgerUnavailable"},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "getMetrics",
+                "summary": "Prometheus metrics of the whole deployment (no token; not under /api)",
+                "description": "The Prometheus text format (`text/plain; version=0.0.4`), or "
+                "OpenMetrics when the `Accept` header asks for `application/openmetrics-text`: "
+                "work by state, expired leases, claims, lease expiries, step latency, wait "
+                "resolutions, inbound and outbound messages.",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "the metrics",
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}},
+                            "application/openmetrics-text": {"schema": {"type": "string"}},
+                        },
+                    }
                 },
             }
         },
@@ -579,12 +857,41 @@ OPENAPI: dict[str, Any] = {
                     "created_at": _TS_REQUIRED,
                 },
             },
+            "Checkpoint": {
+                "type": "object",
+                "required": ["seq", "name", "finished_at"],
+                "properties": {
+                    "seq": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "finished_at": _TS,
+                },
+                "description": "the last succeeded step: where a resumed run picks up",
+            },
+            "Message": {
+                "type": "object",
+                "required": list(_MESSAGE_PROPERTIES),
+                "properties": _MESSAGE_PROPERTIES,
+            },
             "WorkDetail": {
                 "allOf": [
                     _ref("Work"),
                     {
                         "type": "object",
+                        "required": [
+                            "current_wait",
+                            "last_checkpoint",
+                            "steps",
+                            "waits",
+                            "events",
+                            "children",
+                            "messages",
+                        ],
                         "properties": {
+                            "current_wait": {
+                                "anyOf": [_ref("Wait"), {"type": "null"}],
+                                "description": "the pending wait, if the item waits on one",
+                            },
+                            "last_checkpoint": {"anyOf": [_ref("Checkpoint"), {"type": "null"}]},
                             "steps": {"type": "array", "items": _ref("Step")},
                             "waits": {"type": "array", "items": _ref("Wait")},
                             "events": {
@@ -593,20 +900,59 @@ OPENAPI: dict[str, Any] = {
                                 "description": "the most recent 500, oldest first",
                             },
                             "children": {"type": "array", "items": _ref("WorkSummary")},
+                            "messages": {
+                                "type": "array",
+                                "items": _ref("Message"),
+                                "description": "the conversation's messages, both directions, "
+                                "in order ([] for work without a conversation)",
+                            },
                         },
                     },
                 ]
             },
             "WorkList": {
                 "type": "object",
+                "required": ["items", "next_cursor", "counts"],
                 "properties": {
                     "items": {"type": "array", "items": _ref("Work")},
-                    "counts": {
-                        "type": "object",
-                        "description": "number of work items in each state",
-                        "additionalProperties": {"type": "integer"},
+                    "next_cursor": {
+                        "type": ["string", "null"],
+                        "description": "pass as `cursor` for the next page; null on the last",
                     },
+                    "counts": _ref("Counts"),
                 },
+            },
+            "Counts": {
+                "type": "object",
+                "description": "work items in each state (all of them, not only this page), "
+                "plus `expired_leases` (running, lease expired: the worker is gone or stuck) "
+                "and `retrying` (queued again after a failure, waiting for `not_before`)",
+                "required": [*_STATES, "expired_leases", "retrying"],
+                "additionalProperties": {"type": "integer", "minimum": 0},
+            },
+            "RestartWork": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["from_step"],
+                "properties": {
+                    "from_step": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 2**31 - 1,
+                        "description": "the first step to run again (1 to the last recorded "
+                        "step + 1); the steps before it are kept",
+                    }
+                },
+            },
+            "OutboxMessage": {
+                "type": "object",
+                "required": list(_OUTBOX_PROPERTIES),
+                "properties": _OUTBOX_PROPERTIES,
+            },
+            "OutboxList": {
+                "type": "object",
+                "required": ["items"],
+                "properties": {"items": {"type": "array", "items": _ref("OutboxMessage")}},
             },
             "Worker": {
                 "type": "object",
@@ -619,6 +965,11 @@ OPENAPI: dict[str, Any] = {
                     "started_at": _TS_REQUIRED,
                     "last_seen_at": _TS_REQUIRED,
                     "stopped_at": _TS,
+                    "leases_held": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "running work items this worker holds a lease on",
+                    },
                 },
             },
         },

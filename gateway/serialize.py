@@ -1,5 +1,5 @@
 """JSON rendering of ledger rows for the operator API: work items, steps, waits, events,
-workers.
+workers, conversation messages and outbound messages.
 
 Datetimes become ISO 8601 strings with their UTC offset. Imports only :mod:`ledger`.
 """
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.schema import Event, Step, Wait, Work, WorkerRow
+from ledger.schema import Event, Outbox, Step, Wait, Work, WorkerRow
 
 WORK_FIELDS = (
     "id",
@@ -95,6 +95,22 @@ WORKER_FIELDS = (
     "stopped_at",
 )
 
+OUTBOX_FIELDS = (
+    "id",
+    "work_id",
+    "step_seq",
+    "conversation_id",
+    "channel",
+    "payload",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "external_id",
+    "error",
+    "created_at",
+    "sent_at",
+)
+
 
 def iso(value: datetime | None) -> str | None:
     """ISO 8601 with offset; a naive value (never expected) is taken as UTC."""
@@ -136,8 +152,44 @@ def event_json(event: Event) -> dict[str, Any]:
     return _pick(event, EVENT_FIELDS)
 
 
-def worker_json(worker: WorkerRow) -> dict[str, Any]:
-    return _pick(worker, WORKER_FIELDS)
+def worker_json(worker: WorkerRow, *, leases_held: int | None = None) -> dict[str, Any]:
+    """A worker; with ``leases_held``, the number of running items it holds a lease on."""
+    out = _pick(worker, WORKER_FIELDS)
+    if leases_held is not None:
+        out["leases_held"] = leases_held
+    return out
+
+
+def outbox_json(message: Outbox) -> dict[str, Any]:
+    """An outbound message and its delivery state."""
+    return _pick(message, OUTBOX_FIELDS)
+
+
+def message_json(message: dict[str, Any]) -> dict[str, Any]:
+    """One message of a conversation (from ``Ledger.list_messages``): both directions have the
+    same keys; ``state`` and ``outbox_id`` are the delivery of an outbound one (None inbound),
+    ``disposition`` what an inbound one became (None outbound)."""
+    return {
+        "id": message["id"],
+        "direction": message["direction"],
+        "text": message["text"],
+        "created_at": iso(message["created_at"]),
+        "work_id": message.get("work_id"),
+        "wait_id": message.get("wait_id"),
+        "actions": message.get("actions"),
+        "disposition": message.get("disposition"),
+        "outbox_id": message.get("outbox_id"),
+        "state": message.get("state"),
+    }
+
+
+def last_checkpoint(steps: Iterable[Step]) -> dict[str, Any] | None:
+    """The last succeeded step (highest seq): where a resumed run picks up."""
+    done = [s for s in steps if s.status == "succeeded"]
+    if not done:
+        return None
+    last = max(done, key=lambda s: s.seq)
+    return {"seq": last.seq, "name": last.name, "finished_at": iso(last.finished_at)}
 
 
 def work_detail(
@@ -147,12 +199,19 @@ def work_detail(
     waits: Iterable[dict[str, Any]],
     events: Iterable[Event],
     children: Iterable[Work],
+    current_wait: Wait | None = None,
+    messages: Iterable[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The detail view: the work item with its steps, waits, events and children."""
+    """The detail view: the work item with its steps, the last checkpoint, its waits (and
+    the pending one), events, children and its conversation's messages."""
+    steps = list(steps)
     return {
         **work_json(work),
+        "current_wait": wait_json(current_wait) if current_wait is not None else None,
+        "last_checkpoint": last_checkpoint(steps),
         "steps": [step_json(s) for s in steps],
         "waits": list(waits),
         "events": [event_json(e) for e in events],
         "children": [work_summary(c) for c in children],
+        "messages": [message_json(m) for m in messages],
     }

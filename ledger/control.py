@@ -1,5 +1,6 @@
-"""Operator control: pause, resume, cancel, retry. Each action is one conditional update whose
-event names the operator; an illegal one raises ``IllegalTransition`` and changes nothing.
+"""Operator control: pause, resume, cancel, retry, restart from a step. Each action is one
+conditional update whose event names the operator; an illegal one raises ``IllegalTransition``
+and changes nothing.
 
 A running item is not interrupted mid-step: pause and cancel set a request (``control``) that
 its worker acts on at the next step boundary (or the reaper, if the worker is gone).
@@ -8,19 +9,50 @@ Imported only by :mod:`ledger.ledger`.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase, W, close_open_waits, wake_joined_parent
-from ledger.errors import IllegalTransition, WorkNotFound
-from ledger.records import utcnow
-from ledger.schema import Work, work_t
+from ledger.errors import IllegalTransition, LedgerError, WorkNotFound
+from ledger.records import new_id, utcnow
+from ledger.schema import Work, step_t, work_t
 from ledger.states import WorkState
 
 Q, R, Wt, P = WorkState.QUEUED, WorkState.RUNNING, WorkState.WAITING, WorkState.PAUSED
 F, C = WorkState.FAILED, WorkState.CANCELLED
+S = step_t.c
+
+
+class InvalidRestartStep(LedgerError):
+    """``from_step`` is not a step the work item can be restarted from; nothing was written."""
+
+    code = "invalid_step"
+
+    def __init__(self, work_id: str, from_step: int, last_seq: int) -> None:
+        super().__init__(
+            f"work {work_id} can be restarted from step 1 to {last_seq + 1} "
+            f"(its last recorded step is {last_seq}), not from step {from_step}"
+        )
+        self.work_id = work_id
+        self.from_step = from_step
+        self.last_seq = last_seq
+
+
+class RestartRefused(IllegalTransition):
+    """The work item is running: a fork would race its worker. Nothing was written."""
+
+    def __init__(self, work_id: str, current: str) -> None:
+        LedgerError.__init__(
+            self,
+            f"work {work_id} is {current}; pause or cancel it (or let it finish) "
+            "before restarting it from a step",
+        )
+        self.work_id = work_id
+        self.current = current
+        self.target = "restarted"
 
 
 class ControlQueries(LedgerBase):
@@ -149,3 +181,104 @@ class ControlQueries(LedgerBase):
                 "control": None,
             },
         )
+
+    async def restart_from_step(
+        self, work_id: str, from_step: int, actor: str | None = None
+    ) -> Work:
+        """Fork ``work_id`` into a new queued work item that keeps its steps ``1..from_step-1``
+        and runs ``from_step`` onward.
+
+        The fork has the original's agent, input, conversation, parent, priority and attempt
+        budget; source ``restart`` and source_event_id ``{work_id}:{from_step}:<uuid>``. The
+        kept step records are copied as they are (outputs included; a replay returns them
+        without running them) under the new id, with idempotency keys ``{new_id}:{seq}``.
+        The original is not changed but for its history: a ``restarted_as`` event (its state
+        stays). The fork's ``created`` event carries ``{restarted_from, from_step}``.
+
+        ``from_step`` runs from 1 to the last recorded step + 1 (:class:`InvalidRestartStep`);
+        a running original is refused (:class:`RestartRefused`, an ``IllegalTransition``).
+        """
+        postgres = self.dialect == "postgresql"
+
+        def tx(conn: Connection) -> Any:
+            q = sa.select(work_t).where(W.id == work_id)
+            old = conn.execute(q.with_for_update() if postgres else q).first()
+            if old is None:
+                raise WorkNotFound(work_id)
+            if old.state == R.value:
+                raise RestartRefused(work_id, old.state)
+            last = conn.execute(
+                sa.select(sa.func.max(S.seq)).where(S.work_id == work_id)
+            ).scalar_one_or_none()
+            last = last or 0
+            if not 1 <= from_step <= last + 1:
+                raise InvalidRestartStep(work_id, from_step, last)
+            now = utcnow()
+            fork_id = new_id()
+            conn.execute(
+                sa.insert(work_t).values(
+                    id=fork_id,
+                    agent=old.agent,
+                    state=Q.value,
+                    input=old.input,
+                    attempt=1,
+                    max_attempts=old.max_attempts,
+                    source="restart",
+                    source_event_id=f"{work_id}:{from_step}:{uuid.uuid4().hex}",
+                    conversation_id=old.conversation_id,
+                    parent_id=old.parent_id,
+                    priority=old.priority,
+                    lease_epoch=0,
+                    state_reason="created",
+                    state_detail={
+                        "actor": actor,
+                        "restarted_from": work_id,
+                        "from_step": from_step,
+                    },
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            # Copied row by row inside the database: JSON values (and SQL NULLs) stay as stored.
+            columns = [c.name for c in step_t.c]
+            fork_key = (sa.literal(f"{fork_id}:") + sa.cast(S.seq, sa.String)).label(
+                "idempotency_key"
+            )
+            picked = [
+                sa.literal(fork_id).label("work_id")
+                if name == "work_id"
+                else fork_key
+                if name == "idempotency_key"
+                else S[name]
+                for name in columns
+            ]
+            conn.execute(
+                sa.insert(step_t).from_select(
+                    columns,
+                    sa.select(*picked)
+                    .where(S.work_id == work_id, S.seq < from_step)
+                    .order_by(S.seq),
+                )
+            )
+            # The original's history records the fork; its state is left as it is.
+            marked = conn.execute(
+                sa.update(work_t)
+                .where(W.id == work_id, W.state == old.state)
+                .values(
+                    state_reason="restarted_as",
+                    state_detail={
+                        "actor": actor,
+                        "restarted_as": fork_id,
+                        "from_step": from_step,
+                    },
+                    updated_at=now,
+                )
+                .returning(W.id)
+            ).first()
+            if marked is None:
+                raise IllegalTransition(work_id, old.state, "restarted", "it changed concurrently")
+            return conn.execute(sa.select(work_t).where(W.id == fork_id)).one()
+
+        row = await self.engines.run_write(tx)
+        self._fire(self._on_queued, row.agent)
+        return Work(**row._mapping)

@@ -4,7 +4,9 @@ One transaction takes an inbound message: it finds (or creates) the conversation
 message once (deduplicated on the channel's message id), and then either resolves the input
 wait the conversation's work is waiting on, or applies the agent's ``on_busy`` policy, or
 starts new work. Replies are outbox rows written together with the step that sends them, so a
-replayed reply is never sent twice. Imported only by :mod:`ledger.ledger`.
+replayed reply is never sent twice. An operator can send again, or give up on, an outbound
+message whose delivery is in doubt (``unknown``) or stuck. Imported only by
+:mod:`ledger.ledger`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase, W, check_lease
+from ledger.errors import IllegalTransition, LedgerError
 from ledger.records import Claim, StepWrite, new_id, utcnow
-from ledger.schema import conversation_t, inbox_t, outbox_t, wait_t, work_t
+from ledger.schema import Outbox, conversation_t, event_t, inbox_t, outbox_t, wait_t, work_t
 from ledger.states import WorkState
 
 C = conversation_t.c
@@ -29,6 +32,14 @@ I = inbox_t.c  # noqa: E741
 O = outbox_t.c  # noqa: E741
 
 ON_BUSY = ("enqueue", "interrupt", "reject", "collect")
+#: delivery states of an outbound message: ``unknown`` = sent, but whether it arrived is not
+#: known (e.g. a timeout after the request left); ``abandoned`` = an operator gave up on it
+OUTBOX_STATES = ("pending", "sent", "failed", "unknown", "abandoned")
+#: outbox action -> (states it applies to, target state, event type)
+OUTBOX_ACTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "resend": (("unknown",), "pending", "outbox_resent"),
+    "abandon": (("unknown", "pending", "failed"), "abandoned", "outbox_abandoned"),
+}
 BUSY_REPLY = "I'm still working on your previous message; please send this again when I reply."
 
 
@@ -42,6 +53,30 @@ class Accepted:
     work_id: str | None
     wait_id: str | None
     duplicate: bool
+
+
+class OutboxNotFound(LedgerError):
+    code = "not_found"
+
+    def __init__(self, outbox_id: int) -> None:
+        super().__init__(f"no outbound message with id {outbox_id}")
+        self.outbox_id = outbox_id
+
+
+class OutboxActionRefused(IllegalTransition):
+    """The outbound message is not in a state the action applies to; nothing was written."""
+
+    def __init__(self, outbox_id: int, current: str, action: str) -> None:
+        sources = OUTBOX_ACTIONS[action][0]
+        LedgerError.__init__(
+            self,
+            f"outbound message {outbox_id} is {current}; only a message that is "
+            f"{' or '.join(sources)} can be {'re-sent' if action == 'resend' else 'abandoned'}",
+        )
+        self.work_id = ""
+        self.current = current
+        self.target = OUTBOX_ACTIONS[action][1]
+        self.outbox_id = outbox_id
 
 
 def _schema_hint(schema: Any) -> str:
@@ -329,7 +364,8 @@ class ConversationQueries(LedgerBase):
         self, conversation_id: str, *, limit: int = 500
     ) -> list[dict[str, Any]]:
         """Both directions of a conversation in order: ``{id, direction, text, created_at,
-        wait_id, actions, work_id}``."""
+        wait_id, work_id}`` with ``disposition`` (inbound) or ``actions``, ``outbox_id`` and
+        the delivery ``state`` (outbound)."""
         ins = sa.select(inbox_t).where(I.conversation_id == conversation_id).order_by(I.id)
         outs = sa.select(outbox_t).where(O.conversation_id == conversation_id).order_by(O.id)
         async with self._read() as conn:
@@ -355,8 +391,88 @@ class ConversationQueries(LedgerBase):
                 "work_id": r.work_id,
                 "wait_id": (r.payload or {}).get("wait_id"),
                 "actions": (r.payload or {}).get("actions"),
+                "outbox_id": r.id,
+                "state": r.state,
             }
             for r in rows_out
         ]
         messages.sort(key=lambda m: (m["created_at"], m["id"]))
         return messages[-limit:]
+
+    # -- the outbox, for operators ------------------------------------------------------------
+
+    async def get_outbox(self, outbox_id: int) -> Outbox:
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(outbox_t).where(O.id == outbox_id))).first()
+        if row is None:
+            raise OutboxNotFound(outbox_id)
+        return Outbox(**row._mapping)
+
+    async def list_outbox(
+        self,
+        *,
+        state: str | None = None,
+        work_id: str | None = None,
+        conversation_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Outbox]:
+        """Outbound messages, newest first."""
+        q = sa.select(outbox_t).order_by(O.id.desc()).limit(limit)
+        if state is not None:
+            q = q.where(O.state == state)
+        if work_id is not None:
+            q = q.where(O.work_id == work_id)
+        if conversation_id is not None:
+            q = q.where(O.conversation_id == conversation_id)
+        async with self._read() as conn:
+            return [Outbox(**r._mapping) for r in await conn.execute(q)]
+
+    async def resend_outbox(self, outbox_id: int, actor: str | None = None) -> Outbox:
+        """``unknown`` → ``pending``: deliver it again (due now; its attempts are kept)."""
+        return await self._outbox_action(outbox_id, "resend", actor, {"next_attempt_at": utcnow()})
+
+    async def abandon_outbox(self, outbox_id: int, actor: str | None = None) -> Outbox:
+        """``unknown``, ``pending`` or ``failed`` → ``abandoned``: never delivered (again)."""
+        return await self._outbox_action(outbox_id, "abandon", actor, {"next_attempt_at": None})
+
+    async def _outbox_action(
+        self, outbox_id: int, action: str, actor: str | None, values: dict[str, Any]
+    ) -> Outbox:
+        """One conditional update, and an event naming the operator in the history of the
+        message's work item (``outbox:<id>`` for a message that belongs to no work item)."""
+        sources, target, event_type = OUTBOX_ACTIONS[action]
+
+        def tx(conn: Connection) -> Any:
+            current = conn.execute(sa.select(outbox_t).where(O.id == outbox_id)).first()
+            if current is None:
+                raise OutboxNotFound(outbox_id)
+            if current.state not in sources:
+                raise OutboxActionRefused(outbox_id, current.state, action)
+            row = conn.execute(
+                sa.update(outbox_t)
+                .where(O.id == outbox_id, O.state == current.state)
+                .values(state=target, **values)
+                .returning(*outbox_t.c)
+            ).first()
+            if row is None:  # another operator (or the sender) changed it meanwhile
+                state = conn.execute(sa.select(O.state).where(O.id == outbox_id)).scalar_one()
+                raise OutboxActionRefused(outbox_id, state, action)
+            conn.execute(
+                sa.insert(event_t).values(
+                    work_id=row.work_id or f"outbox:{outbox_id}",
+                    type=event_type,
+                    data={
+                        "outbox_id": outbox_id,
+                        "from": current.state,
+                        "to": target,
+                        "channel": row.channel,
+                        "attempts": row.attempts,
+                        "detail": {"actor": actor},
+                    },
+                    actor=actor,
+                    created_at=utcnow(),
+                )
+            )
+            return row
+
+        return Outbox(**(await self.engines.run_write(tx))._mapping)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ledger.control import ControlQueries
 from ledger.conversations import ConversationQueries
 from ledger.maintenance import MaintenanceQueries
+from ledger.observability import ObservabilityQueries
 from ledger.steps import StepQueries
 from ledger.waits import WaitQueries
 from ledger.work import WorkQueries
@@ -26,5 +27,6 @@ class Ledger(
     ConversationQueries,
     ControlQueries,
     MaintenanceQueries,
+    ObservabilityQueries,
 ):
     """Async access to the work ledger. One instance per process; safe to share between tasks."""

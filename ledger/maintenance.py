@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from ledger._base import LedgerBase, W
 from ledger.records import utcnow
 from ledger.schema import WorkerRow, event_t, outbox_t, step_t, wait_t, work_t, worker_t
-from ledger.states import TERMINAL
+from ledger.states import TERMINAL, WorkState
 
 
 class MaintenanceQueries(LedgerBase):
@@ -43,6 +43,16 @@ class MaintenanceQueries(LedgerBase):
         async with self._read() as conn:
             rows = await conn.execute(sa.select(worker_t).order_by(worker_t.c.started_at.desc()))
             return [WorkerRow(**r._mapping) for r in rows]
+
+    async def count_leases_by_owner(self) -> dict[str, int]:
+        """``{worker_id: number of running work items it holds a lease on}``."""
+        q = (
+            sa.select(W.lease_owner, sa.func.count())
+            .where(W.state == WorkState.RUNNING.value, W.lease_owner.is_not(None))
+            .group_by(W.lease_owner)
+        )
+        async with self._read() as conn:
+            return {owner: n for owner, n in await conn.execute(q)}
 
     async def prune(self, older_than: timedelta, *, batch: int = 500) -> int:
         """Delete finished work older than ``older_than`` (by finish time) with its steps,

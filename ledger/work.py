@@ -6,7 +6,7 @@ Worker writes are fenced on the claim's lease epoch. Imported only by :mod:`ledg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,10 +24,15 @@ from ledger._base import (
 )
 from ledger.errors import IllegalTransition, WorkNotFound
 from ledger.records import Claim, new_id, utcnow
-from ledger.schema import Event, Step, Work, event_t, step_t, work_t, worker_t
+from ledger.schema import Event, Step, Wait, Work, event_t, step_t, wait_t, work_t, worker_t
 from ledger.states import TERMINAL, WorkState
 
 _TERMINAL_VALUES = [s.value for s in TERMINAL]
+
+
+def _utc(value: datetime) -> datetime:
+    """An aware datetime in UTC; a naive one is taken as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class WorkQueries(LedgerBase):
@@ -114,6 +119,87 @@ class WorkQueries(LedgerBase):
             counts = {s.value: 0 for s in WorkState}
             counts.update({state: n for state, n in await conn.execute(q)})
             return counts
+
+    async def search_work(
+        self,
+        *,
+        state: str | None = None,
+        agent: str | None = None,
+        conversation_id: str | None = None,
+        source: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        text: str | None = None,
+        before: tuple[datetime, str] | None = None,
+        limit: int = 100,
+    ) -> list[Work]:
+        """Work items that match every filter given, newest first (``created_at``, then ``id``).
+
+        ``*_after`` bounds are inclusive, ``*_before`` bounds exclusive; ``text`` is found in
+        the wait reason, case-insensitively. ``before`` is the ``(created_at, id)`` of the last
+        item of the previous page (keyset pagination): only items after it in this order are
+        returned, so a walk through the pages neither repeats nor skips an item while new work
+        is created (new items sort before the walk's start)."""
+        q = sa.select(work_t).order_by(W.created_at.desc(), W.id.desc()).limit(limit)
+        if state is not None:
+            q = q.where(W.state == WorkState(state).value)
+        for column, value in (
+            (W.agent, agent),
+            (W.conversation_id, conversation_id),
+            (W.source, source),
+        ):
+            if value is not None:
+                q = q.where(column == value)
+        for column, low, high in (
+            (W.created_at, created_after, created_before),
+            (W.updated_at, updated_after, updated_before),
+        ):
+            if low is not None:
+                q = q.where(column >= _utc(low))
+            if high is not None:
+                q = q.where(column < _utc(high))
+        if text:
+            q = q.where(W.wait_reason.icontains(text, autoescape=True))
+        if before is not None:
+            at, last_id = _utc(before[0]), before[1]
+            q = q.where(sa.or_(W.created_at < at, sa.and_(W.created_at == at, W.id < last_id)))
+        async with self._read() as conn:
+            return [Work(**r._mapping) for r in await conn.execute(q)]
+
+    async def work_overview(self) -> dict[str, int]:
+        """:meth:`count_by_state` plus what needs an operator's eye: ``expired_leases``
+        (running items whose lease ran out: their worker is gone or stuck, the reaper has not
+        taken them back yet) and ``retrying`` (queued again after a failure, waiting for
+        their next attempt time, ``not_before``)."""
+        counts = await self.count_by_state()
+        now = utcnow()
+        expired = (
+            sa.select(sa.func.count())
+            .where(W.state == WorkState.RUNNING.value, W.lease_expires_at < now)
+            .scalar_subquery()
+        )
+        retrying = (
+            sa.select(sa.func.count())
+            .where(W.state == WorkState.QUEUED.value, W.not_before > now, W.attempt > 1)
+            .scalar_subquery()
+        )
+        async with self._read() as conn:
+            row = (await conn.execute(sa.select(expired, retrying))).one()
+        return {**counts, "expired_leases": row[0], "retrying": row[1]}
+
+    async def get_current_wait(self, work_id: str) -> Wait | None:
+        """The pending wait of a work item (the newest, should there be several), or None."""
+        q = (
+            sa.select(wait_t)
+            .where(wait_t.c.work_id == work_id, wait_t.c.state == "pending")
+            .order_by(wait_t.c.created_at.desc(), wait_t.c.id.desc())
+            .limit(1)
+        )
+        async with self._read() as conn:
+            row = (await conn.execute(q)).first()
+        return None if row is None else Wait(**row._mapping)
 
     async def list_steps(self, work_id: str) -> list[Step]:
         q = sa.select(step_t).where(step_t.c.work_id == work_id).order_by(step_t.c.seq)

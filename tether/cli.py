@@ -2,19 +2,23 @@
 
 Exit codes: 0 done; 1 the API refused (illegal action, bad request, a wait decided before);
 2 bad usage or settings; 3 unknown id, or nothing waits for the signal; 4 the gateway or
-database cannot be reached.
+database cannot be reached; 130 interrupted (Ctrl-C in ``work attach``). ``--json`` makes every
+read command print one JSON document (``work attach --json``: one JSON object per line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import timedelta
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -192,34 +196,111 @@ class ApiClient:
             raise typer.Exit(EXIT_USAGE)
         self.token = token
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> urllib.request.Request:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
+        return urllib.request.Request(
             self.base + path,
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                **(headers or {}),
+            },
         )
+
+    def _fail(self, exc: urllib.error.HTTPError) -> typer.Exit:
+        """Print the API's error and return the exit code that says what kind it was."""
+        error: dict[str, Any] = {}
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            error = json.loads(exc.read())["error"]
+            message = error["message"]
+        except Exception:
+            message = f"HTTP {exc.code}"
+        err.print(f"tether: {message}", highlight=False)
+        if exc.code == 409 and error.get("code") == "already_resolved":
+            err.print(f"tether: {describe_resolution(error)}", highlight=False)
+        code = {404: EXIT_NOT_FOUND, 401: EXIT_USAGE, 503: EXIT_UNREACHABLE}.get(
+            exc.code, EXIT_REFUSED
+        )
+        return typer.Exit(code)
+
+    def _unreachable(self, exc: BaseException) -> typer.Exit:
+        err.print(f"tether: cannot reach the gateway at {self.base}: {exc}", highlight=False)
+        return typer.Exit(EXIT_UNREACHABLE)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            with urllib.request.urlopen(self._request(method, path, body), timeout=30) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
-            error: dict[str, Any] = {}
-            try:
-                error = json.loads(exc.read())["error"]
-                message = error["message"]
-            except Exception:
-                message = f"HTTP {exc.code}"
-            err.print(f"tether: {message}", highlight=False)
-            if exc.code == 409 and error.get("code") == "already_resolved":
-                err.print(f"tether: {describe_resolution(error)}", highlight=False)
-            code = {404: EXIT_NOT_FOUND, 401: EXIT_USAGE, 503: EXIT_UNREACHABLE}.get(
-                exc.code, EXIT_REFUSED
-            )
-            raise typer.Exit(code) from None
+            raise self._fail(exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            err.print(f"tether: cannot reach the gateway at {self.base}: {exc}")
-            raise typer.Exit(EXIT_UNREACHABLE) from None
+            raise self._unreachable(exc) from None
+
+    def events(self, work_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Follow ``GET /api/v1/work/{id}/events`` (Server-Sent Events): yield each event
+        until the server says the item finished. A dropped connection is resumed with
+        ``Last-Event-ID`` (:data:`ATTACH_RETRIES` times in a row at most); a gateway that
+        cannot be reached at all fails at once."""
+        last, failures, connected = after, 0, False
+        path = f"/api/v1/work/{_q(work_id)}/events"
+        while True:
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last)}
+            try:
+                with urllib.request.urlopen(
+                    self._request("GET", path, headers=headers), timeout=ATTACH_READ_TIMEOUT
+                ) as resp:
+                    connected = True
+                    for kind, data, event_id in _sse_frames(resp):
+                        failures = 0
+                        if kind == "end":
+                            return
+                        if event_id is not None and event_id.isdigit():
+                            last = max(last, int(event_id))
+                        yield json.loads(data)
+            except urllib.error.HTTPError as exc:
+                raise self._fail(exc) from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                failures += 1
+                if not connected or failures > ATTACH_RETRIES:
+                    raise self._unreachable(exc) from None
+            else:  # closed without the end of the item: the gateway went away; reconnect
+                failures += 1
+                if failures > ATTACH_RETRIES:
+                    err.print("tether: the event stream keeps closing; giving up")
+                    raise typer.Exit(EXIT_UNREACHABLE)
+            time.sleep(min(0.5 * 2**failures, 10.0))
+
+
+#: consecutive reconnects ``work attach`` tries before giving up
+ATTACH_RETRIES = 5
+#: the server sends a keep-alive every 15 s; a read that waits longer means a dead connection
+ATTACH_READ_TIMEOUT = 60.0
+
+
+def _sse_frames(lines: Iterable[bytes]) -> Iterator[tuple[str, str, str | None]]:
+    """``(event type, data, id)`` of each Server-Sent Events frame (comments skipped)."""
+    kind, data, event_id = "message", [], None
+    for raw in lines:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                yield kind, "\n".join(data), event_id
+            kind, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
 
 
 def describe_resolution(error: dict[str, Any]) -> str:
@@ -361,6 +442,94 @@ def work_start(
         _print_json(w)
     else:
         out.print(f"{w['id']}: {w['state']}")
+
+
+@work_app.command("restart")
+def work_restart(
+    work_id: str,
+    from_step: Annotated[
+        int, typer.Option("--from-step", min=1, help="The first step to run again.")
+    ],
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fork a work item into a new one that keeps steps 1..N-1 and runs again from step N.
+    Prints the new item's id."""
+    client = ApiClient(_settings(config), url)
+    w = client.call("POST", f"/api/v1/work/{_q(work_id)}/restart", {"from_step": from_step})
+    if as_json:
+        _print_json(w)
+        return
+    new = w.get("work", w) if isinstance(w, dict) else {}
+    sys.stdout.write(f"{new.get('id')}\n")
+    err.print(
+        f"restarted {work_id} from step {from_step} as {new.get('id')} ({new.get('state')})",
+        highlight=False,
+    )
+
+
+@work_app.command("attach")
+def work_attach(
+    work_id: str,
+    after: Annotated[
+        int, typer.Option("--after", min=0, help="Only events after this event id.")
+    ] = 0,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Follow a work item's events live, from its first one (or --after), until it finishes.
+
+    One line per event: time, type, detail (--json: one JSON object per line). Ctrl-C stops
+    (exit 130); the item goes on."""
+    client = ApiClient(_settings(config), url)
+    try:
+        for event in client.events(work_id, after=after):
+            if as_json:
+                line = json.dumps(event, default=str)
+            else:
+                at = _clock(event.get("created_at"))
+                line = f"{at}  {event.get('type', ''):<16}  {describe_event(event)}"
+            sys.stdout.write(line.rstrip() + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _clock(stamp: str | None) -> str:
+    """``HH:MM:SS.mmm`` in local time."""
+    try:
+        at = datetime.fromisoformat(stamp or "").astimezone()
+    except ValueError:
+        return "??:??:??.???"
+    return at.strftime("%H:%M:%S.") + f"{at.microsecond // 1000:03d}"
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """What one history event says, in a line: the transition or the step, and its details."""
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    parts: list[str] = []
+    if "seq" in data:  # a step event
+        parts.append(f"#{data['seq']} {data.get('name', '')} (attempt {data.get('attempt', 1)})")
+        error = data.get("error")
+        if isinstance(error, dict):
+            parts.append(f"{error.get('type', 'Error')}: {error.get('message', '')}")
+    else:
+        if data.get("from") or data.get("to"):
+            parts.append(f"{data.get('from') or '-'} -> {data.get('to') or '-'}")
+        if data.get("agent"):
+            parts.append(f"agent={data['agent']}")
+        if event.get("type") in ("claimed", "retried", "lease_expired", "created"):
+            parts.append(f"attempt={data.get('attempt')}")
+        detail = data.get("detail")
+        if isinstance(detail, dict):
+            for key, value in detail.items():
+                if value is not None and key != "actor":
+                    parts.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    if event.get("actor"):
+        parts.append(f"by {event['actor']}")
+    return "  ".join(parts)[:400]
 
 
 # -- waits ------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -22,12 +25,60 @@ from ledger import Ledger, LedgerUnavailable
 log = logging.getLogger("tether")
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+#: every line names the work item it was emitted for (``work=-`` outside one)
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s work=%(work)s: %(message)s"
+#: ``TETHER_LOG_FORMAT=json``: one JSON object per line instead
+LOG_FORMAT_ENV = "TETHER_LOG_FORMAT"
+
+
+class WorkIdFilter(logging.Filter):
+    """Puts the running work item's id (see :data:`worker.context.current_work_id`) on each
+    record as ``record.work`` (``-`` when none). Attached to handlers, so it sees every record
+    that reaches them, whichever logger emitted it; it runs in the emitting task's context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from worker.context import current_work_id
+
+        self._work_id = current_work_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(getattr(record, "work", None), str):
+            record.work = self._work_id.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, work, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        work = getattr(record, "work", "-")
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "work": None if work == "-" else work,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def log_handler(stream: Any = None, *, json_format: bool = False) -> logging.Handler:
+    """A stream handler with the work-id filter and Tether's line (or JSON) format."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(WorkIdFilter())
+    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+def configure_logging(level: str, *, json_format: bool | None = None) -> None:
+    """Root logging to stderr, each line with ``work=<id>`` (``json_format``, by default from
+    ``TETHER_LOG_FORMAT=json``, writes JSON lines instead)."""
+    if json_format is None:
+        json_format = os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json"
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(json_format=json_format)])
     # aiosqlite logs every statement with its parameters at DEBUG (resume tokens included)
     for noisy in ("alembic", "apscheduler", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -50,6 +50,10 @@ HEARTBEAT_WRITE_INTERVAL = 1.0
 _current_step: contextvars.ContextVar[StepHandle | None] = contextvars.ContextVar(
     "tether_current_step", default=None
 )
+#: the id of the work item this task (or its thread) runs, for log lines; set by the pool
+current_work_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tether_current_work_id", default=None
+)
 
 
 def current_step() -> StepHandle:

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pydantic_core import PydanticSerializationError
 
 from ledger import Claim, LeaseLost, Ledger, new_id, utcnow
-from worker.context import Context, error_info, to_json_data
+from worker.context import Context, current_work_id, error_info, to_json_data
 from worker.errors import NonDeterminismError, Suspended, UnknownAgent, WorkInterrupted
 from worker.registry import get_agent, registered_agents
 
@@ -35,6 +35,8 @@ class _Running:
     claim: Claim
     task: asyncio.Task[None]
     ctx: Context | None = None
+    #: a pause/cancel request seen before the Context existed
+    control: str | None = None
 
 
 @dataclass
@@ -162,6 +164,9 @@ class WorkerPool:
     # -- running one item --------------------------------------------------------------------
 
     async def _execute(self, claim: Claim) -> None:
+        # This task's own context (copied at create_task): every log line it, the agent, its
+        # steps and their threads emit carries the work id.
+        current_work_id.set(claim.work_id)
         try:
             await self._run_claim(claim)
         except LeaseLost as exc:
@@ -186,6 +191,8 @@ class WorkerPool:
         running = self._running.get(claim.work_id)
         if running is not None:
             running.ctx = ctx
+            if running.control:
+                ctx.request_interrupt(running.control)
         try:
             result = await spec.fn(ctx, spec.parse_input(claim.input))
             if ctx.nondeterminism is not None:  # the agent caught it; the history is still wrong
@@ -247,8 +254,10 @@ class WorkerPool:
                     running.claim.epoch,
                 )
                 running.task.cancel()
-            elif now_held[1] and running.ctx is not None:
-                running.ctx.request_interrupt(now_held[1])
+            elif now_held[1]:
+                running.control = now_held[1]
+                if running.ctx is not None:
+                    running.ctx.request_interrupt(now_held[1])
 
     async def _still_ours(self, running: _Running) -> bool:
         try:

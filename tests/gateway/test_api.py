@@ -476,6 +476,8 @@ async def test_list_and_filters(api: Api, ledger: Ledger) -> None:
         "succeeded",
         "failed",
         "cancelled",
+        "expired_leases",
+        "retrying",
     }
 
     _, data, _ = await api.call("GET", "/api/v1/work?state=paused")
@@ -528,6 +530,7 @@ async def test_workers(api: Api, ledger: Ledger) -> None:
         "started_at",
         "last_seen_at",
         "stopped_at",
+        "leases_held",
     }
 
 
@@ -545,7 +548,8 @@ async def test_openapi_served_without_token_and_matches_routes(api: Api) -> None
     routes: set[tuple[str, str]] = set()
     for route in api.server.app.router.routes():
         path = route.resource.canonical if route.resource else ""
-        if path.startswith(("/api/", "/resume/")) and route.method != "HEAD":
+        documented_area = path.startswith(("/api/", "/resume/")) or path == "/metrics"
+        if documented_area and route.method != "HEAD":
             routes.add((path, route.method.lower()))
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert documented == routes
