@@ -210,6 +210,8 @@ class Context(WaitingMixin):
         self._seq = 0
         self._interrupt: str | None = claim.control
         self._lease_lost = False
+        #: set while the item parks itself (enters a wait): its lease ends on purpose
+        self.parking = False
         #: a replay mismatch, kept so agent code that catches it cannot carry on regardless
         self.nondeterminism: NonDeterminismError | None = None
         self.work_id = claim.work_id
@@ -457,9 +459,11 @@ class Context(WaitingMixin):
         name = f"join:{child_id}"
         seq, rec = self._next(name)
         if rec is None or rec.status != "succeeded":
+            self.parking = True
             finished = await self._ledger.suspend_for_child(self._claim, child_id)
             if finished is None:
                 raise Suspended()
+            self.parking = False
             outcome = {"state": finished.state, "result": finished.result, "error": finished.error}
             handle = StepHandle(self, seq, name, 1 if rec is None else rec.attempt + 1, utcnow())
             await self._record(handle, utcnow(), status="succeeded", output=outcome)

@@ -37,6 +37,12 @@ class _Running:
     ctx: Context | None = None
     #: a pause/cancel request seen before the Context existed
     control: str | None = None
+    #: the run is writing its own final transition (the renewal must not call that a loss)
+    settling: bool = False
+
+    @property
+    def letting_go(self) -> bool:
+        return self.settling or (self.ctx is not None and self.ctx.parking)
 
 
 @dataclass
@@ -194,7 +200,11 @@ class WorkerPool:
             if running.control:
                 ctx.request_interrupt(running.control)
         try:
-            result = await spec.fn(ctx, spec.parse_input(claim.input))
+            try:
+                result = await spec.fn(ctx, spec.parse_input(claim.input))
+            finally:  # from here on, this run only writes its own outcome
+                if running is not None:
+                    running.settling = True
             if ctx.nondeterminism is not None:  # the agent caught it; the history is still wrong
                 raise ctx.nondeterminism
         except Suspended:
@@ -245,8 +255,11 @@ class WorkerPool:
         for work_id, running in list(self._running.items()):
             now_held = held.get(work_id)
             if now_held is None or now_held[0] != running.claim.epoch:
-                # A claim that committed while this renewal ran is still ours: check first.
-                if running.task.done() or await self._still_ours(running):
+                # A claim that committed while this renewal ran is still ours, and a run that
+                # is writing its own final transition let go on purpose: check first.
+                if running.task.done() or running.letting_go or await self._still_ours(running):
+                    continue
+                if running.letting_go:  # it started letting go while we looked
                     continue
                 log.warning(
                     "LeaseLost: lease on work %s at epoch %d is gone; stopping it",

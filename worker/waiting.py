@@ -50,6 +50,7 @@ class WaitingMixin:
     _ledger: Any
     _claim: Any
     public_url: str
+    parking: bool
 
     if TYPE_CHECKING:
 
@@ -62,11 +63,13 @@ class WaitingMixin:
         if rec is not None and rec.status == "succeeded":
             outcome = WaitOutcome.from_json(rec.output)
         else:
+            self.parking = True
             result = await self._ledger.enter_wait(
                 self._claim, WaitSpec(seq=seq, **spec), step_name
             )
             if isinstance(result, tuple):
                 raise Suspended()
+            self.parking = False
             outcome = result
         if outcome.state == "timed_out" and outcome.on_timeout == "fail":
             raise WaitTimeout(f"{step_name} wait {outcome.wait_id} timed out")

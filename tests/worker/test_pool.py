@@ -357,3 +357,41 @@ async def test_pool_told_to_run_an_unregistered_agent_fails_its_work(ledger: Led
     assert work.state == "failed"
     assert work.error["type"] == "UnknownAgent"
     assert "t_pool_nobody" in work.error["message"]
+
+
+# ---- no false lease losses --------------------------------------------------------------------
+
+
+def _plus_one(x: int) -> int:
+    return x + 1
+
+
+@agent("t_pool_quick")
+async def quick_agent(ctx: Context, _inp: Any) -> int:
+    x = await ctx.step("a", _plus_one, 0)
+    x = await ctx.step("b", _plus_one, x)
+    if x == 2:
+        await ctx.sleep(0)  # parks and wakes: a second lease that ends on purpose
+    return await ctx.step("c", _plus_one, x)
+
+
+async def test_renewals_never_call_a_finishing_run_lost(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renewals every 50 ms race each item's own final write (and its parking in a wait):
+    an item that lets go of its lease on purpose is not a lost lease."""
+    from scheduler import SchedulerService
+
+    ids = [(await ledger.create_work("t_pool_quick", None))[0].id for _ in range(60)]
+    sched = SchedulerService(ledger, reaper_interval=60)
+    sched_task = asyncio.create_task(sched.run())
+    try:
+        async with hw.running_pool(ledger, concurrency=8, lease_ttl=0.15) as pool:
+            for work_id in ids:
+                done = await hw.wait_for_state(ledger, work_id, pool=pool, timeout=30)
+                assert (done.state, done.result) == ("succeeded", 3)
+    finally:
+        sched.stop()
+        await sched_task
+    lost = [r.getMessage() for r in caplog.records if "LeaseLost" in r.getMessage()]
+    assert lost == []
