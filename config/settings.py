@@ -329,6 +329,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text (with work=<id>) or one JSON object each."
+    )
 
     # ---- sources ------------------------------------------------------------------------
 
@@ -382,7 +385,9 @@ class Settings(BaseSettings):
             value += "/"  # slack_sdk joins URLs with urljoin: the trailing slash matters
         return value
 
-    @field_validator("telegram_mode", "log_level", "sqlite_synchronous", mode="before")
+    @field_validator(
+        "telegram_mode", "log_level", "log_format", "sqlite_synchronous", mode="before"
+    )
     @classmethod
     def _normalise_case(cls, value: Any, info: Any) -> Any:
         # Case-insensitive choices; an unknown value is left as given for the error message.

@@ -85,7 +85,7 @@ def serve(
     from tether.roles import configure_logging, run_serve
 
     settings = _settings(config, host=host, port=port)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_format=settings.log_format == "json")
     _run(run_serve(settings, concurrency=concurrency))
 
 
@@ -95,7 +95,7 @@ def gateway(config: ConfigOpt = None) -> None:
     from tether.roles import configure_logging, run_gateway
 
     settings = _settings(config)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_format=settings.log_format == "json")
     _run(run_gateway(settings))
 
 
@@ -110,7 +110,7 @@ def worker(
     from tether.roles import configure_logging, run_worker
 
     settings = _settings(config)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_format=settings.log_format == "json")
     _run(run_worker(settings, concurrency=concurrency))
 
 
@@ -120,7 +120,7 @@ def scheduler(config: ConfigOpt = None) -> None:
     from tether.roles import configure_logging, run_scheduler
 
     settings = _settings(config)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_format=settings.log_format == "json")
     _run(run_scheduler(settings))
 
 

@@ -74,8 +74,9 @@ def log_handler(stream: Any = None, *, json_format: bool = False) -> logging.Han
 
 
 def configure_logging(level: str, *, json_format: bool | None = None) -> None:
-    """Root logging to stderr, each line with ``work=<id>`` (``json_format``, by default from
-    ``TETHER_LOG_FORMAT=json``, writes JSON lines instead)."""
+    """Root logging to stderr, each line with ``work=<id>`` (``json_format``: JSON lines
+    instead; the CLI passes ``TETHER_LOG_FORMAT``, and the environment is read when it is not
+    given)."""
     if json_format is None:
         json_format = os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json"
     logging.basicConfig(level=level.upper(), handlers=[log_handler(json_format=json_format)])
