@@ -37,6 +37,7 @@ from gateway.http_chat import setup_http_chat
 from gateway.metrics import setup_metrics
 from gateway.resume import setup_resume
 from gateway.waits_api import already_resolved, setup_waits_api
+from gateway.webhooks import setup_webhooks
 from ledger import IllegalTransition, Ledger, LedgerUnavailable, WorkNotFound
 from ledger.errors import InvalidResolution, WaitAlreadyResolved, WaitNotFound
 
@@ -213,6 +214,7 @@ def create_app(
     setup_waits_api(app)
     setup_resume(app)
     setup_http_chat(app, chat_policies or {})
+    setup_webhooks(app)
     setup_console(app)
     setup_events(app)
     setup_metrics(app)

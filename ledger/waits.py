@@ -440,6 +440,23 @@ class WaitQueries(LedgerBase):
         async with self._read() as conn:
             return list((await conn.execute(q)).scalars())
 
+    async def signal_waits_resolved_by(self, name: str, key: str | None, by: str) -> list[str]:
+        """Ids of the ``name``/``key`` signal waits that ``by`` resolved (one delivery of a
+        webhook: a redelivery is answered from them)."""
+        q = (
+            sa.select(A.id)
+            .where(
+                A.kind == "signal",
+                A.name == name,
+                A.key.is_(None) if key is None else A.key == key,
+                A.state == RESOLVED,
+                A.resolved_by == by,
+            )
+            .order_by(A.created_at, A.id)
+        )
+        async with self._read() as conn:
+            return list((await conn.execute(q)).scalars())
+
     async def get_wait(self, wait_id: str) -> Wait:
         async with self._read() as conn:
             row = (await conn.execute(sa.select(wait_t).where(A.id == wait_id))).first()
