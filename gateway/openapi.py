@@ -64,7 +64,7 @@ _WORK_PROPERTIES: dict[str, Any] = {
     "state_reason": {"type": "string", "description": "the event that set the current state"},
 }
 
-_OUTBOX_STATES = ["pending", "sent", "failed", "unknown", "abandoned"]
+_OUTBOX_STATES = ["pending", "sending", "sent", "failed", "unknown", "abandoned"]
 _LIMIT_PARAM = {
     "name": "limit",
     "in": "query",

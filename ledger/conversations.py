@@ -34,7 +34,7 @@ O = outbox_t.c  # noqa: E741
 ON_BUSY = ("enqueue", "interrupt", "reject", "collect")
 #: delivery states of an outbound message: ``unknown`` = sent, but whether it arrived is not
 #: known (e.g. a timeout after the request left); ``abandoned`` = an operator gave up on it
-OUTBOX_STATES = ("pending", "sent", "failed", "unknown", "abandoned")
+OUTBOX_STATES = ("pending", "sending", "sent", "failed", "unknown", "abandoned")
 #: outbox action -> (states it applies to, target state, event type)
 OUTBOX_ACTIONS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "resend": (("unknown",), "pending", "outbox_resent"),

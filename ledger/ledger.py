@@ -15,6 +15,7 @@ from ledger.control import ControlQueries
 from ledger.conversations import ConversationQueries
 from ledger.maintenance import MaintenanceQueries
 from ledger.observability import ObservabilityQueries
+from ledger.outbox import OutboxQueries
 from ledger.steps import StepQueries
 from ledger.waits import WaitQueries
 from ledger.work import WorkQueries
@@ -28,5 +29,6 @@ class Ledger(
     ControlQueries,
     MaintenanceQueries,
     ObservabilityQueries,
+    OutboxQueries,
 ):
     """Async access to the work ledger. One instance per process; safe to share between tasks."""

@@ -145,6 +145,13 @@ async def _start_gateway(
     return runner
 
 
+def _delivery_loop(ledger: Ledger, settings: Settings) -> Any:
+    """The outbound delivery loop with the senders of the configured channels."""
+    from gateway.delivery import DeliveryLoop, senders_from_settings
+
+    return DeliveryLoop(ledger, senders_from_settings(settings), poll_interval=0.5)
+
+
 async def _run(parts: list[Callable[[], Awaitable[None]]], stops: list[Callable[[], None]]) -> None:
     stopped = asyncio.Event()
 
@@ -190,8 +197,9 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
         flush=True,
     )
     print(f"  database:      {_safe_url(settings.database_url)}", flush=True)
+    delivery = _delivery_loop(ledger, settings)
     try:
-        await _run([pool.run, sched.run], [pool.stop, sched.stop])
+        await _run([pool.run, sched.run, delivery.run], [pool.stop, sched.stop, delivery.stop])
     finally:
         await runner.cleanup()
         await ledger.close()
@@ -201,9 +209,9 @@ async def run_gateway(settings: Settings) -> None:
     agents = _load_agents(settings)
     ledger = await open_ledger(settings, migrate=False)
     runner = await _start_gateway(ledger, settings, agents)
-    stop_event = asyncio.Event()
+    delivery = _delivery_loop(ledger, settings)
     try:
-        await _run([stop_event.wait], [stop_event.set])
+        await _run([delivery.run], [delivery.stop])
     finally:
         await runner.cleanup()
         await ledger.close()
