@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -37,7 +37,11 @@ from adapters.telegram import (
 )
 from gateway.api import LEDGER_KEY, SETTINGS_KEY, ApiError, read_json_object
 from gateway.http_chat import CHAT_POLICIES_KEY
+from ledger import Ledger
 from ledger.errors import InvalidResolution, WaitAlreadyResolved, WaitNotFound
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +51,14 @@ NOTIFY_TIMEOUT = 10.0
 _VERBS = {"approve": "Approved", "deny": "Denied"}
 
 
-class _Telegram:
+class TelegramState:
     """The route's state: secret, bot id, and a lazily built sender for the best-effort
     calls (answering callback queries, editing prompts)."""
 
-    def __init__(self, app: web.Application) -> None:
-        settings = app[SETTINGS_KEY]
+    def __init__(self, settings: Settings) -> None:
         assert settings.telegram_token is not None
-        self.secret = settings.telegram_webhook_secret.get_secret_value().encode("utf-8")
+        secret = settings.telegram_webhook_secret
+        self.secret = secret.get_secret_value().encode("utf-8") if secret is not None else b""
         self.bot_id = bot_id_of(settings.telegram_token.get_secret_value())
         self.settings = settings
         self._sender: TelegramSender | None = None
@@ -92,12 +96,12 @@ class _Telegram:
             await self._sender.close()
 
 
-TELEGRAM_KEY: web.AppKey[_Telegram] = web.AppKey("tether.telegram", _Telegram)
+TELEGRAM_KEY: web.AppKey[TelegramState] = web.AppKey("tether.telegram", TelegramState)
 
 
 def _check_secret(request: web.Request, expected: bytes) -> None:
     given = request.headers.get(SECRET_HEADER, "").encode("utf-8")
-    if not hmac.compare_digest(given, expected):
+    if not expected or not hmac.compare_digest(given, expected):
         raise ApiError(401, "unauthorized", f"missing or wrong {SECRET_HEADER}")
 
 
@@ -108,17 +112,31 @@ async def webhook(request: web.Request) -> web.Response:
     update_id = update.get("update_id")
     if isinstance(update_id, bool) or not isinstance(update_id, int):
         raise ApiError(400, "bad_request", "the update has no integer update_id")
+    await handle_update(
+        request.app[LEDGER_KEY], tg, update, policies=request.app[CHAT_POLICIES_KEY]
+    )
+    return web.json_response({})
+
+
+async def handle_update(
+    ledger: Ledger,
+    tg: TelegramState,
+    update: dict[str, Any],
+    *,
+    policies: Mapping[str, tuple[str, float]] | None = None,
+) -> None:
+    """Commit one update (webhook or polling): a message → ``accept_message`` (dedup on
+    ``{bot id}:{update_id}``), a click → the decision. Returns once the ledger call returned."""
     item = update_to_inbound(update, tg.bot_id)
     if isinstance(item, CallbackClick):
-        await _click(request, tg, item)
+        await _click(ledger, tg, item)
     elif item is not None:
-        settings = request.app[SETTINGS_KEY]
-        agent = settings.default_agent
-        on_busy, window = request.app[CHAT_POLICIES_KEY].get(agent, ("enqueue", 2.0))
+        agent = tg.settings.default_agent
+        on_busy, window = (policies or {}).get(agent, ("enqueue", 2.0))
         payload: dict[str, Any] = dict(item.payload() or {})
         if "edited_message" in update or "edited_channel_post" in update:
             payload["edited"] = True
-        await request.app[LEDGER_KEY].accept_message(
+        await ledger.accept_message(
             channel=CHANNEL,
             chat_id=item.chat_id,
             thread_id=item.thread_id,
@@ -130,7 +148,6 @@ async def webhook(request: web.Request) -> web.Response:
             on_busy=on_busy,
             collect_window=window,
         )
-    return web.json_response({})
 
 
 def _shown(by: str | None) -> str:
@@ -139,9 +156,8 @@ def _shown(by: str | None) -> str:
     return by.removeprefix("telegram:")
 
 
-async def _click(request: web.Request, tg: _Telegram, click: CallbackClick) -> None:
+async def _click(ledger: Ledger, tg: TelegramState, click: CallbackClick) -> None:
     by = f"telegram:{click.user}"
-    ledger = request.app[LEDGER_KEY]
     try:
         await ledger.resolve_wait(click.wait_id, {"decision": click.decision}, by=by)
         decision = click.decision
@@ -170,7 +186,7 @@ async def _click(request: web.Request, tg: _Telegram, click: CallbackClick) -> N
         tg.later("editing the prompt", tg.sender.edit_text(click.chat_id, click.message_id, text))
 
 
-def _answer(tg: _Telegram, click: CallbackClick, text: str) -> None:
+def _answer(tg: TelegramState, click: CallbackClick, text: str) -> None:
     tg.later("answering a callback query", tg.sender.answer_callback(click.callback_id, text))
 
 
@@ -191,7 +207,7 @@ def setup_telegram(app: web.Application) -> None:
             "Telegram webhook refuses to run unauthenticated; set the secret (and register it "
             "with setWebhook's secret_token)"
         )
-    tg = _Telegram(app)
+    tg = TelegramState(settings)
     app[TELEGRAM_KEY] = tg
 
     async def close(_: web.Application) -> None:

@@ -11,6 +11,7 @@ same transaction.
 
 from __future__ import annotations
 
+from ledger.channel_state import ChannelStateQueries
 from ledger.control import ControlQueries
 from ledger.conversations import ConversationQueries
 from ledger.maintenance import MaintenanceQueries
@@ -30,5 +31,6 @@ class Ledger(
     MaintenanceQueries,
     ObservabilityQueries,
     OutboxQueries,
+    ChannelStateQueries,
 ):
     """Async access to the work ledger. One instance per process; safe to share between tasks."""

@@ -229,3 +229,16 @@ inbox_t: sa.Table = Inbox.__table__  # type: ignore[assignment]
 worker_t: sa.Table = WorkerRow.__table__  # type: ignore[assignment]
 
 metadata = SQLModel.metadata
+
+
+class ChannelState(SQLModel, table=True):
+    """Per-channel cursors, such as Telegram's polling offset (the last committed update id)."""
+
+    __tablename__ = "channel_state"
+
+    channel: str = Field(primary_key=True, max_length=80)
+    update_offset: int = Field(sa_type=sa.BigInteger)
+    updated_at: datetime
+
+
+channel_state_t: sa.Table = ChannelState.__table__  # type: ignore[assignment]

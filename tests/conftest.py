@@ -25,7 +25,7 @@ ADMIN_URL = os.environ.get(
 REQUIRE_POSTGRES = os.environ.get("TETHER_REQUIRE_POSTGRES") == "1" or (
     os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 )
-TABLES = "work, step, wait, event, conversation, inbox, outbox, worker"
+TABLES = "work, step, wait, event, conversation, inbox, outbox, worker, channel_state"
 
 _pg_skip_reason: list[str] = []
 

@@ -33,6 +33,8 @@ db_app = typer.Typer(help="Database migrations and retention.", no_args_is_help=
 work_app = typer.Typer(help="Inspect and steer work items (through the operator API).")
 app.add_typer(db_app, name="db")
 app.add_typer(work_app, name="work")
+telegram_app = typer.Typer(help="The Telegram channel.", no_args_is_help=True)
+app.add_typer(telegram_app, name="telegram")
 
 out = Console()
 err = Console(stderr=True)
@@ -639,6 +641,55 @@ def workers(config: ConfigOpt = None, url: UrlOpt = None, as_json: JsonOpt = Fal
             (w.get("last_seen_at") or "")[:19],
         )  # fmt: skip
     out.print(table)
+
+
+# -- telegram ---------------------------------------------------------------------------------
+
+TELEGRAM_UPDATES = ["message", "edited_message", "callback_query"]
+
+
+@telegram_app.command("set-webhook")
+def telegram_set_webhook(
+    config: ConfigOpt = None,
+    max_connections: Annotated[
+        int, typer.Option(min=1, max=100, help="Telegram's max_connections for the webhook.")
+    ] = 40,
+) -> None:
+    """Register ``{public_url}/channels/telegram/webhook`` with Telegram (setWebhook), with the
+    webhook secret and the update types Tether handles."""
+    settings = _settings(config)
+    if settings.telegram_token is None:
+        err.print("[bold red]tether:[/] TETHER_TELEGRAM_TOKEN is not set", highlight=False)
+        raise typer.Exit(EXIT_USAGE)
+    secret = settings.telegram_webhook_secret
+    if secret is None or not secret.get_secret_value():
+        err.print("[bold red]tether:[/] TETHER_TELEGRAM_WEBHOOK_SECRET is not set", highlight=False)
+        raise typer.Exit(EXIT_USAGE)
+    url = f"{settings.effective_public_url.rstrip('/')}/channels/telegram/webhook"
+
+    async def register() -> None:
+        from adapters.telegram import build_sender
+
+        sender = build_sender(settings)
+        try:
+            await sender.warm()
+            await sender.bot.set_webhook(
+                url=url,
+                secret_token=secret.get_secret_value(),
+                allowed_updates=TELEGRAM_UPDATES,
+                max_connections=max_connections,
+            )
+        finally:
+            await sender.close()
+
+    try:
+        _run(register())
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        err.print(f"[bold red]tether: setWebhook failed:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_REFUSED) from None
+    out.print(f"Telegram webhook set to {url}", highlight=False)
 
 
 def main() -> None:

@@ -152,6 +152,18 @@ def _delivery_loop(ledger: Ledger, settings: Settings) -> Any:
     return DeliveryLoop(ledger, senders_from_settings(settings), poll_interval=0.5)
 
 
+def _telegram_poller(ledger: Ledger, settings: Settings, agents: frozenset[str] | None) -> Any:
+    """The Telegram poller when ``telegram_mode == "polling"`` and a token is set, else None."""
+    if settings.telegram_mode != "polling" or settings.telegram_token is None:
+        return None
+    from gateway.telegram_polling import TelegramPoller
+    from worker.registry import chat_policies
+
+    policies = {a: p for a, p in chat_policies().items() if agents is None or a in agents}
+    print("  telegram:      polling getUpdates", flush=True)
+    return TelegramPoller(ledger, settings, policies=policies)
+
+
 async def _run(parts: list[Callable[[], Awaitable[None]]], stops: list[Callable[[], None]]) -> None:
     stopped = asyncio.Event()
 
@@ -198,8 +210,14 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
     )
     print(f"  database:      {_safe_url(settings.database_url)}", flush=True)
     delivery = _delivery_loop(ledger, settings)
+    parts = [pool.run, sched.run, delivery.run]
+    stops = [pool.stop, sched.stop, delivery.stop]
+    poller = _telegram_poller(ledger, settings, agents)
+    if poller is not None:
+        parts.append(poller.run)
+        stops.append(poller.stop)
     try:
-        await _run([pool.run, sched.run, delivery.run], [pool.stop, sched.stop, delivery.stop])
+        await _run(parts, stops)
     finally:
         await runner.cleanup()
         await ledger.close()
@@ -210,8 +228,14 @@ async def run_gateway(settings: Settings) -> None:
     ledger = await open_ledger(settings, migrate=False)
     runner = await _start_gateway(ledger, settings, agents)
     delivery = _delivery_loop(ledger, settings)
+    parts = [delivery.run]
+    stops = [delivery.stop]
+    poller = _telegram_poller(ledger, settings, agents)
+    if poller is not None:
+        parts.append(poller.run)
+        stops.append(poller.stop)
     try:
-        await _run([delivery.run], [delivery.stop])
+        await _run(parts, stops)
     finally:
         await runner.cleanup()
         await ledger.close()

@@ -5,10 +5,17 @@ Serves ``POST /bot{token}/{method}`` for ``sendMessage``, ``editMessageText``,
 string). Every call is recorded in :attr:`FakeTelegram.calls` as ``(method, params)``.
 ``fail_next(n, retry_after)`` answers the next ``n`` calls with a 429 carrying ``retry_after``;
 chats in :attr:`unknown_chats` answer 400 "chat not found".
+
+``getUpdates`` serves the updates queued with :meth:`FakeTelegram.queue` (``offset`` confirms
+and drops everything below it, as Telegram does; ``limit``; an empty answer waits up to
+``min(timeout, max_poll)`` seconds for new ones). ``setWebhook`` / ``deleteWebhook`` answer true
+and are recorded like every call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -28,6 +35,10 @@ class FakeTelegram:
         self._fail: list[int | None] = []
         self._ids = itertools.count(1000)
         self._server: TestServer | None = None
+        self.updates: list[dict[str, Any]] = []
+        self._new_updates = asyncio.Event()
+        #: the longest a ``getUpdates`` long poll is held open
+        self.max_poll = 0.3
 
     # -- control ------------------------------------------------------------------------------
 
@@ -35,6 +46,11 @@ class FakeTelegram:
         """Answer the next ``n`` calls (after ``after`` good ones) with 429 and
         ``retry_after`` seconds."""
         self._fail.extend([None] * after + [retry_after] * n)
+
+    def queue(self, *updates: dict[str, Any]) -> None:
+        """Updates for ``getUpdates`` to serve."""
+        self.updates.extend(updates)
+        self._new_updates.set()
 
     def sent(self, method: str = "sendMessage") -> list[dict[str, Any]]:
         return [params for m, params in self.calls if m == method]
@@ -81,6 +97,10 @@ class FakeTelegram:
             return _ok(
                 {"id": BOT_ID, "is_bot": True, "first_name": "Tether", "username": "tether_bot"}
             )
+        if method == "getUpdates":
+            return _ok(await self._get_updates(params))
+        if method in ("setWebhook", "deleteWebhook"):
+            return _ok(True)
         if method == "answerCallbackQuery":
             return _ok(True)
         if method in ("sendMessage", "editMessageText"):
@@ -100,6 +120,18 @@ class FakeTelegram:
                 message["reply_markup"] = params["reply_markup"]
             return _ok(message)
         return _error(404, "Not Found")
+
+    async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        offset = int(params["offset"]) if params.get("offset") else None
+        limit = int(params.get("limit") or 100)
+        timeout = float(params.get("timeout") or 0)
+        if offset is not None:
+            self.updates = [u for u in self.updates if u["update_id"] >= offset]
+        if not self.updates and timeout > 0:
+            self._new_updates.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_updates.wait(), min(timeout, self.max_poll))
+        return sorted(self.updates, key=lambda u: u["update_id"])[:limit]
 
 
 def _ok(result: Any) -> web.Response:

@@ -24,7 +24,17 @@ from ledger.engine import create_engines
 from ledger.migrate import alembic_config, current_revision, upgrade
 from ledger.schema import outbox_t, wait_t, work_t
 
-TABLES = {"conversation", "event", "inbox", "outbox", "step", "wait", "work", "worker"}
+TABLES = {
+    "channel_state",
+    "conversation",
+    "event",
+    "inbox",
+    "outbox",
+    "step",
+    "wait",
+    "work",
+    "worker",
+}
 
 
 async def count(ledger: Ledger, table: str, work_ids: list[str] | None = None) -> int:

@@ -1,0 +1,252 @@
+"""Inbound benchmark: Telegram webhook throughput and ack latency of a real ``tether serve``.
+
+Run: ``python bench/inbound.py [--db sqlite|postgres|both] [--rate 200] [--seconds 10]``.
+Each run starts ``tether serve`` on a fresh database (a temporary SQLite file, or the
+PostgreSQL database ``tether_bench_inbound`` from ``TETHER_BENCH_POSTGRES_URL``, recreated and
+migrated with ``tether db upgrade``) with Telegram configured against the fake Bot API of
+``tests/fakes``, then posts updates carrying the secret header with aiohttp, one every
+``1/rate`` s on an open-loop schedule (a slow answer does not delay the next send), each from
+its own chat so conversation ordering plays no part. Ack latency is from the send to the
+answer's last byte. Scenarios:
+
+* idle — the default demo agent, ``TETHER_WORKER_CONCURRENCY`` 2; replies go to the fake;
+* busy — the ``stuck`` agent of ``tests/support/stuck_agents.py`` (10-second step),
+  concurrency 2; both slots are stuck before sending starts and stay busy throughout.
+
+Prints one table; every figure comes from this one run. Target (issue 4): p99 ≤ 10 ms on SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "fakes"))
+from telegram_api import FakeTelegram  # noqa: E402
+
+PG_ADMIN = os.environ.get(
+    "TETHER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+PG_DB = "tether_bench_inbound"
+BOT_TOKEN = "123456:BENCH-telegram-token"
+SECRET = "bench-secret"
+WEBHOOK = "/channels/telegram/webhook"
+HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+CONCURRENCY = 2
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def update(update_id: int, chat: int) -> dict[str, Any]:
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": 1_700_000_000,
+            "chat": {"id": chat, "type": "private"},
+            "from": {"id": chat, "is_bot": False, "first_name": "b", "username": f"b{chat}"},
+            "text": f"bench {update_id}",
+        },
+    }
+
+
+async def _pg_admin(*sql: str) -> None:
+    conn = await asyncpg.connect(_dsn(PG_ADMIN), timeout=5)
+    try:
+        for s in sql:
+            await conn.execute(s)
+    finally:
+        await conn.close()
+
+
+async def fresh_database(db: str, tmp: Path) -> str:
+    if db == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp / 'tether.db'}"  # a fresh temporary directory
+    await _pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)", f"CREATE DATABASE {PG_DB}")
+    url = make_url(PG_ADMIN).set(database=PG_DB).render_as_string(hide_password=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env["TETHER_DATABASE_URL"] = url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tether.cli", "db", "upgrade", cwd=tmp, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"tether db upgrade failed:\n{out.decode()}")
+    return url
+
+
+async def running_count(url: str) -> int:
+    sql = "SELECT count(*) FROM work WHERE state = 'running'"
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.split("///", 1)[1], timeout=5) as conn:
+            return conn.execute(sql).fetchone()[0]
+    conn = await asyncpg.connect(_dsn(url), timeout=5)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def serve(tmp: Path, url: str, api_base: str, **extra: str) -> AsyncIterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env.update(
+        TETHER_PORT=str(port),
+        TETHER_DATABASE_URL=url,
+        TETHER_OPERATOR_TOKEN="bench-operator",
+        TETHER_TELEGRAM_TOKEN=BOT_TOKEN,
+        TETHER_TELEGRAM_WEBHOOK_SECRET=SECRET,
+        TETHER_TELEGRAM_API_BASE=api_base,
+        TETHER_WORKER_CONCURRENCY=str(CONCURRENCY),
+        TETHER_POLL_INTERVAL="0.1",
+        TETHER_LOG_LEVEL="WARNING",
+        **extra,
+    )
+    path = [str(ROOT / "tests" / "support"), str(ROOT)]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    log_path = tmp / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 -- reaped below
+            [sys.executable, "-m", "tether.cli", "serve"],
+            cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    with suppress(aiohttp.ClientError, TimeoutError):
+                        async with http.get(f"{base}/readyz", timeout=1) as r:
+                            if r.status == 200:
+                                break
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit(f"tether serve did not start:\n{log_path.read_text()}")
+                    await asyncio.sleep(0.2)
+            yield base
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+
+async def _post(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> tuple[int, float]:
+    started = time.perf_counter()
+    async with http.post(base + WEBHOOK, json=body, headers=HEADERS) as r:
+        await r.read()
+        return r.status, time.perf_counter() - started
+
+
+async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tether-bench-inbound-") as d:
+        tmp = Path(d)
+        url = await fresh_database(db, tmp)
+        extra = {}
+        if name == "busy":
+            extra = {"TETHER_AGENT_MODULES": "stuck_agents,worker.agents"}
+            extra["TETHER_DEFAULT_AGENT"] = "stuck"
+        async with (
+            FakeTelegram(BOT_TOKEN) as fake,
+            serve(tmp, url, fake.base_url, **extra) as base,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
+        ):
+            ids = iter(range(1, 10**9))
+            # Warm up (connections, caches); in "busy" these occupy every worker slot.
+            for _ in range(max(CONCURRENCY, 20)):
+                uid = next(ids)
+                status, _ = await _post(http, base, update(uid, 10_000 + uid))
+                assert status == 200, status
+            if name == "busy":
+                deadline = time.monotonic() + 15
+                while await running_count(url) < CONCURRENCY:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the stuck agent never occupied every worker slot")
+                    await asyncio.sleep(0.05)
+            n = int(rate * seconds)
+            tasks = []
+            t0 = time.perf_counter()
+            for i in range(n):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                uid = next(ids)
+                tasks.append(asyncio.create_task(_post(http, base, update(uid, 10_000 + uid))))
+            results = await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - t0
+            busy_after = await running_count(url) if name == "busy" else None
+    lat = sorted(t * 1000 for _, t in results)
+    ok = sum(1 for s, _ in results if s == 200)
+    return {
+        "db": db,
+        "scenario": name if busy_after is None else f"busy ({busy_after} running at end)",
+        "requests": n,
+        "ok": ok,
+        "rate": n / elapsed,
+        "p50": statistics.median(lat),
+        "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "max": lat[-1],
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    rows = []
+    for db in dbs:
+        for name in ("idle", "busy"):
+            rows.append(await scenario(db, name, args.rate, args.seconds))
+            if db == "postgres":
+                await _pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+    header = (
+        f"{'database':<10} {'scenario':<26} {'requests':>8} {'200s':>6} {'rate/s':>8} "
+        f"{'ack p50 ms':>10} {'ack p99 ms':>10} {'ack max ms':>10}"
+    )
+    print(f"Telegram webhook, target {args.rate:g} req/s for {args.seconds:g} s")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['db']:<10} {r['scenario']:<26} {r['requests']:>8} {r['ok']:>6} "
+            f"{r['rate']:>8.1f} {r['p50']:>10.2f} {r['p99']:>10.2f} {r['max']:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
