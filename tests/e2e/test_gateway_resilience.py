@@ -167,7 +167,7 @@ async def test_sqlite_locked_is_not_acked_and_the_redelivery_is_handled_once(tmp
     ):
         assert await post(http, base, update(1, 501)) == 200  # warm: the schema exists
 
-        lock = sqlite3.connect(db, timeout=0, isolation_level=None)
+        lock = sqlite3.connect(db, timeout=10, isolation_level=None)  # waits out a write in flight
         lock.execute("BEGIN EXCLUSIVE")
         try:
             started = time.monotonic()
