@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from adapters.json_body import InvalidJson, parse_json_body
 
 __all__ = [
     "Delivery",
@@ -151,59 +152,14 @@ def make_verifier(scheme: Literal["standard", "github"] | str, secret: str) -> V
 # -- payload -----------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _bad_text(value: str) -> str | None:
-    if "\x00" in value:
-        return "contains a NUL character (\\u0000)"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains an unpaired surrogate"
-    return None
-
-
-def _check_storable(value: Any) -> None:
-    """Refuse strings a database cannot store (PostgreSQL rejects NUL; lone surrogates)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            texts = list(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-            continue
-        elif isinstance(item, str):
-            texts = [item]
-        else:
-            continue
-        for text in texts:
-            why = _bad_text(text)
-            if why:
-                raise WebhookError(400, "invalid_json", f"a string in the payload {why}")
-
-
 def parse_payload(body: bytes) -> Any:
     """The body as a JSON value, or :class:`WebhookError` 400 ``invalid_json``."""
     if not body.strip():
         raise WebhookError(400, "invalid_json", "the webhook body is empty; expected JSON")
     try:
-        data = json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise WebhookError(
-            400, "invalid_json", f"the webhook body is not UTF-8 ({exc.reason})"
-        ) from None
-    except RecursionError:
-        raise WebhookError(400, "invalid_json", "the webhook body is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError included
-        raise WebhookError(
-            400, "invalid_json", f"the webhook body is not valid JSON: {exc}"
-        ) from None
-    _check_storable(data)
-    return data
+        return parse_json_body(body, what="the webhook body", where="the payload")
+    except InvalidJson as exc:
+        raise WebhookError(400, "invalid_json", str(exc)) from None
 
 
 def _check_delivery_id(delivery_id: str | None, header: str, max_length: int) -> str:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from adapters.json_body import InvalidJson, parse_json_body, unstorable_reason
 from config.settings import Settings
 from gateway.openapi import OPENAPI
 from gateway.serialize import outbox_json, wait_json, work_detail, work_json, worker_json
@@ -144,40 +145,8 @@ def _check_bearer(request: web.Request, expected: bytes) -> None:
 # -- input -------------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _bad_text(value: str) -> str | None:
-    """Why a string cannot be stored (PostgreSQL rejects NUL; lone surrogates are not UTF-8)."""
-    if "\x00" in value:
-        return "contains a NUL character (\\u0000)"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains an unpaired surrogate"
-    return None
-
-
-def _check_storable(value: Any) -> None:
-    """Walk a parsed JSON value (iteratively) and refuse strings the databases cannot store."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            texts = [item]
-        elif isinstance(item, dict):
-            texts = list(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-            continue
-        else:
-            continue
-        for text in texts:
-            why = _bad_text(text)
-            if why:
-                raise bad_request(f"a string in the request body {why}", "invalid_json")
+#: why a string cannot be stored, or None (shared with the console and the waits API)
+_bad_text = unstorable_reason
 
 
 _REQUIRED = object()  # read_json: an empty body is an error
@@ -194,19 +163,9 @@ async def read_json(request: web.Request, *, empty: Any = _REQUIRED) -> Any:
             return empty
         raise bad_request("the request body is empty; expected JSON", "invalid_json")
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"the request body is not UTF-8 ({exc.reason})", "invalid_json") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", "invalid_json") from None
-    except ValueError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", "invalid_json") from None
-    except RecursionError:
-        raise bad_request("the request body is nested too deeply", "invalid_json") from None
-    _check_storable(data)
-    return data
+        return parse_json_body(raw, what="the request body", where="the request body")
+    except InvalidJson as exc:
+        raise bad_request(str(exc), "invalid_json") from None
 
 
 async def read_json_object(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
