@@ -145,7 +145,11 @@ def events_of(frames: list[Frame]) -> list[Frame]:
 
 @contextlib.asynccontextmanager
 async def observed(
-    ledger: Ledger, *, pool: bool = True, default_agent: str = "t_obs_echo"
+    ledger: Ledger,
+    *,
+    pool: bool = True,
+    default_agent: str = "t_obs_echo",
+    lease_ttl: float = 30.0,
 ) -> AsyncIterator[tuple[TestServer, aiohttp.ClientSession]]:
     settings = load_settings(None, default_agent=default_agent, operator_token=TOKEN)
     app = create_app(ledger, settings, operator_token=TOKEN, chat_policies=chat_policies())
@@ -154,7 +158,7 @@ async def observed(
     try:
         async with aiohttp.ClientSession(str(server.make_url("/")), headers=AUTH) as http:
             if pool:
-                async with running_pool(ledger, concurrency=4):
+                async with running_pool(ledger, concurrency=4, lease_ttl=lease_ttl):
                     yield server, http
             else:
                 yield server, http
@@ -380,7 +384,9 @@ async def test_metrics_match_the_ledger(ledger: Ledger) -> None:
 
 async def test_lease_metrics_count_expired_and_reaped_leases(ledger: Ledger) -> None:
     RELEASE.clear()
-    async with observed(ledger) as (_, http):
+    # A renewal between expiring the lease by hand and the scrape would extend it again:
+    # renew rarely (every lease_ttl / 3) so the expired lease stays expired.
+    async with observed(ledger, lease_ttl=600) as (_, http):
         work, _ = await ledger.create_work("t_obs_block", None, max_attempts=5)
         await wait_until(
             lambda: _state_is(ledger, work.id, "running"), what="the blocking item to run"
