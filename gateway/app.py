@@ -36,6 +36,7 @@ from gateway.events import setup_events
 from gateway.http_chat import setup_http_chat
 from gateway.metrics import setup_metrics
 from gateway.resume import setup_resume
+from gateway.slack import setup_slack
 from gateway.telegram import setup_telegram
 from gateway.waits_api import already_resolved, setup_waits_api
 from gateway.webhooks import setup_webhooks
@@ -216,6 +217,7 @@ def create_app(
     setup_resume(app)
     setup_http_chat(app, chat_policies or {})
     setup_telegram(app)
+    setup_slack(app)
     setup_webhooks(app)
     setup_console(app)
     setup_events(app)

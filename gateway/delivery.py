@@ -51,7 +51,8 @@ def backoff(attempts: int, base: float = 1.0) -> float:
 
 def senders_from_settings(settings: Any) -> dict[str, Sender]:
     """The senders of the configured channels. Telegram: when ``telegram_token`` is set and
-    :mod:`adapters.telegram` offers ``build_sender(settings)``."""
+    :mod:`adapters.telegram` offers ``build_sender(settings)``. Slack: when
+    ``slack_bot_token`` is set."""
     senders: dict[str, Sender] = {}
     if getattr(settings, "telegram_token", None):
         try:
@@ -65,6 +66,11 @@ def senders_from_settings(settings: Any) -> dict[str, Sender]:
             else:
                 sender = build(settings)
                 senders[getattr(sender, "channel", "telegram")] = sender
+    if getattr(settings, "slack_bot_token", None):
+        from adapters.slack import build_sender as build_slack  # slack_sdk is imported lazily
+
+        slack = build_slack(settings)
+        senders[slack.channel] = slack
     return senders
 
 
