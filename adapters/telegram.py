@@ -228,7 +228,9 @@ class RateLimiter:
 # -- sending -----------------------------------------------------------------------------------
 
 
-def _import_aiogram() -> None:
+def import_client_library() -> None:
+    """Import aiogram (6-8 s of CPU here: pydantic builds its models). The gateway does it
+    before it listens, so the import never competes with requests for the interpreter."""
     import aiogram.client.session.aiohttp
     import aiogram.exceptions
     import aiogram.types  # noqa: F401
@@ -285,7 +287,7 @@ class TelegramSender:
     async def warm(self) -> None:
         """Import aiogram in a thread (it takes seconds), so that the first send does not
         stall the event loop. Cheap once imported."""
-        await asyncio.to_thread(_import_aiogram)
+        await asyncio.to_thread(import_client_library)
 
     async def close(self) -> None:
         if self._bot is not None:

@@ -191,6 +191,19 @@ def _schedule_label(info: ValidationInfo) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Model prices
+
+
+class ModelPrice(BaseModel):
+    """What one model costs, in USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(ge=0, allow_inf_nan=False, description="USD per 1M input tokens.")
+    output: float = Field(ge=0, allow_inf_nan=False, description="USD per 1M output tokens.")
+
+
+# --------------------------------------------------------------------------------------------
 # TOML source
 
 _UNSET: Any = object()
@@ -308,6 +321,42 @@ class Settings(BaseSettings):
         default="demo", min_length=1, description="Agent that handles chat messages starting work."
     )
 
+    model_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="Base URL of an OpenAI-compatible chat-completions API (OpenAI, vLLM, "
+        "Ollama, llama.cpp server ...), up to and including /v1.",
+    )
+    model_api_key: SecretStr | None = Field(
+        default=None, description="API key for the model endpoint (unset: none is sent)."
+    )
+    model: str = Field(
+        default="gpt-4o-mini", min_length=1, description="Model the built-in llm agent asks."
+    )
+    model_prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(
+        default_factory=dict,
+        description='Prices per model, a JSON object {"model": {"input": usd_per_1M, '
+        '"output": usd_per_1M}}; [model_prices."name"] tables in TOML. A model without a '
+        "price gets cost null (and a warning).",
+    )
+    model_timeout: float = _positive_float("Seconds one model request may take.", 120.0)
+    model_max_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries of a rate-limited (429) or 5xx model call."
+    )
+    budget_per_work: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="USD one work item may spend on model calls before an operator must "
+        "approve more (unset: unlimited).",
+    )
+    budget_per_conversation: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="USD one conversation may spend on model calls before an operator must "
+        "approve more (unset: unlimited).",
+    )
+
     lease_ttl: float = Field(
         default=30.0,
         allow_inf_nan=False,
@@ -321,6 +370,20 @@ class Settings(BaseSettings):
     )
     reaper_interval: float = _positive_float(
         "Seconds between the scheduler's sweeps for expired leases.", 2.0
+    )
+    group_commit_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        allow_inf_nan=False,
+        description="Group commit: the longest (milliseconds) a step record of a `batched` "
+        "step waits before its transaction commits.",
+    )
+    group_commit_max: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Group commit: the most step records one transaction commits.",
     )
     max_attempts: int = Field(default=5, ge=1, description="Default attempts per work item.")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
@@ -383,6 +446,49 @@ class Settings(BaseSettings):
             raise _Rule("must start with http:// or https://")
         if info.field_name == "slack_api_base" and not value.endswith("/"):
             value += "/"  # slack_sdk joins URLs with urljoin: the trailing slash matters
+        return value
+
+    @field_validator("slack_bot_token", "slack_signing_secret")
+    @classmethod
+    def _check_slack_pair(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            value = None  # blank = unset
+        if info.field_name != "slack_signing_secret" or "slack_bot_token" not in info.data:
+            return value
+        token = info.data["slack_bot_token"]
+        if (token is None) != (value is None):
+            given, missing = (
+                ("TETHER_SLACK_BOT_TOKEN", "TETHER_SLACK_SIGNING_SECRET")
+                if value is None
+                else ("TETHER_SLACK_SIGNING_SECRET", "TETHER_SLACK_BOT_TOKEN")
+            )
+            raise _Rule(
+                f"{given} is set but {missing} is not",
+                "the Slack channel needs both (set both to turn it on, neither to leave it off)",
+            )
+        return value
+
+    @field_validator("model_base_url")
+    @classmethod
+    def _check_model_base_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise _Rule("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("model_prices", mode="before")
+    @classmethod
+    def _decode_prices(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise _Rule(
+                    'must be a JSON object {"model": {"input": usd_per_1M, "output": '
+                    f"usd_per_1M}}}} ({exc})"
+                ) from None
+        if not isinstance(value, dict):
+            raise _Rule('must be an object {"model": {"input": usd_per_1M, "output": usd_per_1M}}')
         return value
 
     @field_validator(
@@ -505,6 +611,7 @@ _SECRET_FIELDS = frozenset(
         "telegram_webhook_secret",
         "slack_bot_token",
         "slack_signing_secret",
+        "model_api_key",
     }
 )
 _WEBHOOK_ECHO = frozenset({"name", "scheme", "agent", "signal", "key_field"})

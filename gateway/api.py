@@ -1,5 +1,6 @@
 """The operator API under ``/api/v1``: start, list, inspect and steer work (pause, resume,
-cancel, retry, restart from a step); re-send or abandon outbound messages; list workers.
+cancel, retry, restart from a step); re-send or abandon outbound messages; list workers; model
+usage totals.
 
 Every route but ``/api/v1/openapi.json`` needs ``Authorization: Bearer <operator token>``
 (checked by :func:`operator_auth` for everything under ``/api/``, so a route added later is
@@ -27,10 +28,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from adapters.json_body import InvalidJson, parse_json_body, unstorable_reason
 from config.settings import Settings
 from gateway.openapi import OPENAPI
-from gateway.serialize import outbox_json, wait_json, work_detail, work_json, worker_json
+from gateway.serialize import (
+    outbox_json,
+    usage_list_json,
+    wait_json,
+    work_detail,
+    work_json,
+    worker_json,
+)
 from ledger import Ledger, WorkState
 from ledger.control import InvalidRestartStep
 from ledger.conversations import OUTBOX_STATES, OutboxNotFound
+from ledger.usage import USAGE_GROUPS
 
 PREFIX = "/api/v1"
 #: paths under /api/ that need no token
@@ -440,6 +449,7 @@ async def get_work(request: web.Request) -> web.Response:
     waits = [wait_json(w) for w in await ledger.list_waits(work_id=work_id, limit=100)]
     current_wait = await ledger.get_current_wait(work_id)
     messages = await ledger.list_messages(work.conversation_id) if work.conversation_id else []
+    usage = await ledger.work_usage(work_id)
     return web.json_response(
         work_detail(
             work,
@@ -449,8 +459,28 @@ async def get_work(request: web.Request) -> web.Response:
             children=children,
             current_wait=current_wait,
             messages=messages,
+            usage=usage,
         )
     )
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    """Model calls, tokens and cost grouped by agent, model, conversation or work item."""
+    params = _query(request, ("by", "agent", "conversation_id", "since", "limit"))
+    by = params.get("by", "agent")
+    if by not in USAGE_GROUPS:
+        raise bad_request(f"by must be one of {', '.join(USAGE_GROUPS)}, not {by!r}")
+    conversation_id = params.get("conversation_id")
+    if conversation_id is not None and not _WORK_ID.fullmatch(conversation_id):
+        raise bad_request("conversation_id is not a conversation id")
+    groups, total = await request.app[LEDGER_KEY].usage_totals(
+        by,
+        agent=_text_param(params, "agent", 200),
+        conversation_id=conversation_id,
+        since=_timestamp(params, "since"),
+        limit=_limit(params),
+    )
+    return web.json_response(usage_list_json(by, groups, total))
 
 
 def _action(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -561,4 +591,5 @@ def setup_api(app: web.Application) -> None:
     for name in OUTBOX_ACTIONS:
         r.add_post(f"{PREFIX}/outbox/{{id}}/{name}", _outbox_action(name))
     r.add_get(f"{PREFIX}/workers", list_workers)
+    r.add_get(f"{PREFIX}/usage", list_usage)
     r.add_get(f"{PREFIX}/openapi.json", openapi)

@@ -65,6 +65,17 @@ _WORK_PROPERTIES: dict[str, Any] = {
 }
 
 _OUTBOX_STATES = ["pending", "sending", "sent", "failed", "unknown", "abandoned"]
+_USAGE_GROUPS = ["agent", "model", "conversation", "work"]
+_COUNT = {"type": "integer", "minimum": 0}
+_USAGE_PROPERTIES: dict[str, Any] = {
+    "calls": {**_COUNT, "description": "recorded model calls"},
+    "input_tokens": _COUNT,
+    "output_tokens": _COUNT,
+    "total_tokens": _COUNT,
+    "cost": {"type": "number", "minimum": 0, "description": "USD, over the priced calls"},
+    "unpriced_calls": {**_COUNT, "description": "calls whose model has no price"},
+}
+_INT_OR_NULL = {"type": ["integer", "null"]}
 _LIMIT_PARAM = {
     "name": "limit",
     "in": "query",
@@ -341,7 +352,8 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "operationId": "getWork",
                 "summary": "A work item with its steps, last checkpoint, waits (and the pending "
-                "one), recent events, parent and children, and its conversation's messages",
+                "one), recent events, parent and children, its conversation's messages and its "
+                "model usage",
                 "parameters": [_ID_PARAM],
                 "responses": {
                     "200": _json(_ref("WorkDetail"), "the work item"),
@@ -496,6 +508,45 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Worker processes, their liveness and the leases they hold",
                 "responses": {
                     "200": _json({"type": "array", "items": _ref("Worker")}, "all workers"),
+                    **_ERRORS_AUTH,
+                },
+            }
+        },
+        "/api/v1/usage": {
+            "get": {
+                "operationId": "listUsage",
+                "summary": "Model calls, tokens and cost, grouped by agent, model, conversation "
+                "or work item",
+                "description": "Totals over the recorded (succeeded) model-call steps, the most "
+                "expensive group first, and the total over every group. `cost` is USD over the "
+                "calls whose model has a price (`TETHER_MODEL_PRICES`); `unpriced_calls` counts "
+                "the others. `since` counts calls finished at or after it (ISO 8601).",
+                "parameters": [
+                    {
+                        "name": "by",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": _USAGE_GROUPS, "default": "agent"},
+                    },
+                    {
+                        "name": "agent",
+                        "in": "query",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                    {
+                        "name": "conversation_id",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+                    },
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    _LIMIT_PARAM,
+                ],
+                "responses": {
+                    "200": _json(_ref("UsageList"), "the totals"),
+                    "400": {"$ref": "#/components/responses/BadRequest"},
                     **_ERRORS_AUTH,
                 },
             }
@@ -845,6 +896,72 @@ OPENAPI: dict[str, Any] = {
                     "finished_at": _TS,
                     "last_heartbeat_at": _TS,
                     "progress": _ANY,
+                    "durability": {
+                        "type": ["string", "null"],
+                        "enum": ["sync", "batched", "exit", None],
+                        "description": "how the record was made durable: before the step "
+                        "returned (`sync`), in a group commit (`batched`), or when the item "
+                        "finished, failed or waited (`exit`)",
+                    },
+                    "committed_at": {
+                        **_TS,
+                        "description": "when the finished attempt's record committed",
+                    },
+                    "model": {**_STR_OR_NULL, "description": "model calls: the model asked"},
+                    "model_answered": {
+                        **_STR_OR_NULL,
+                        "description": "the model the endpoint says answered",
+                    },
+                    "prompt_fingerprint": {
+                        **_STR_OR_NULL,
+                        "description": "`sha256:<hex>` of the canonical JSON of the model, "
+                        "messages, tools and parameters",
+                    },
+                    "input_tokens": _INT_OR_NULL,
+                    "output_tokens": _INT_OR_NULL,
+                    "total_tokens": _INT_OR_NULL,
+                    "cost": {
+                        "type": ["number", "null"],
+                        "description": "USD; null when the model has no price",
+                    },
+                    "finish_reason": _STR_OR_NULL,
+                    "latency_ms": _INT_OR_NULL,
+                    "tool_calls": {
+                        "description": "the tool calls the model asked for: "
+                        "`[{id, name, arguments}]` (null for other steps)"
+                    },
+                },
+            },
+            "Usage": {
+                "type": "object",
+                "required": list(_USAGE_PROPERTIES),
+                "properties": _USAGE_PROPERTIES,
+            },
+            "UsageList": {
+                "type": "object",
+                "required": ["by", "items", "total"],
+                "properties": {
+                    "by": {"type": "string", "enum": _USAGE_GROUPS},
+                    "items": {
+                        "type": "array",
+                        "items": {
+                            "allOf": [
+                                _ref("Usage"),
+                                {
+                                    "type": "object",
+                                    "required": ["key"],
+                                    "properties": {
+                                        "key": {
+                                            **_STR_OR_NULL,
+                                            "description": "the agent, model, conversation id "
+                                            "or work id",
+                                        }
+                                    },
+                                },
+                            ]
+                        },
+                    },
+                    "total": _ref("Usage"),
                 },
             },
             "Event": {
@@ -885,6 +1002,7 @@ OPENAPI: dict[str, Any] = {
                             "events",
                             "children",
                             "messages",
+                            "usage",
                         ],
                         "properties": {
                             "current_wait": {
@@ -905,6 +1023,10 @@ OPENAPI: dict[str, Any] = {
                                 "items": _ref("Message"),
                                 "description": "the conversation's messages, both directions, "
                                 "in order ([] for work without a conversation)",
+                            },
+                            "usage": {
+                                "allOf": [_ref("Usage")],
+                                "description": "the work item's model calls, totalled",
                             },
                         },
                     },

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ledger.schema import Event, Outbox, Step, Wait, Work, WorkerRow
+from ledger.usage import UsageTotals
 
 WORK_FIELDS = (
     "id",
@@ -61,6 +62,20 @@ STEP_FIELDS = (
     "finished_at",
     "last_heartbeat_at",
     "progress",
+    # when the record became durable: sync, batched or exit, and the commit's time
+    "durability",
+    "committed_at",
+    # model calls (null for other steps)
+    "model",
+    "model_answered",
+    "prompt_fingerprint",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost",
+    "finish_reason",
+    "latency_ms",
+    "tool_calls",
 )
 #: a wait as the API shows it; never its resume-URL token (a credential)
 WAIT_FIELDS = (
@@ -192,6 +207,24 @@ def last_checkpoint(steps: Iterable[Step]) -> dict[str, Any] | None:
     return {"seq": last.seq, "name": last.name, "finished_at": iso(last.finished_at)}
 
 
+def usage_json(totals: UsageTotals | None) -> dict[str, Any]:
+    """Model-call totals: ``{calls, input_tokens, output_tokens, total_tokens, cost,
+    unpriced_calls}`` (cost in USD over the priced calls)."""
+    return (totals or UsageTotals()).as_json()
+
+
+def usage_list_json(
+    by: str, groups: Iterable[tuple[str | None, UsageTotals]], total: UsageTotals
+) -> dict[str, Any]:
+    """``GET /api/v1/usage``: one entry per group (``key`` is the agent, model, conversation
+    or work id), the most expensive first, and the total over all of them."""
+    return {
+        "by": by,
+        "items": [{"key": key, **usage_json(t)} for key, t in groups],
+        "total": usage_json(total),
+    }
+
+
 def work_detail(
     work: Work,
     *,
@@ -201,9 +234,10 @@ def work_detail(
     children: Iterable[Work],
     current_wait: Wait | None = None,
     messages: Iterable[dict[str, Any]] = (),
+    usage: UsageTotals | None = None,
 ) -> dict[str, Any]:
     """The detail view: the work item with its steps, the last checkpoint, its waits (and
-    the pending one), events, children and its conversation's messages."""
+    the pending one), events, children, its conversation's messages and its model usage."""
     steps = list(steps)
     return {
         **work_json(work),
@@ -214,4 +248,5 @@ def work_detail(
         "events": [event_json(e) for e in events],
         "children": [work_summary(c) for c in children],
         "messages": [message_json(m) for m in messages],
+        "usage": usage_json(usage),
     }

@@ -108,25 +108,106 @@ def parse_reply(text: str, schema: Any) -> tuple[bool, Any, str]:
     return False, None, _schema_hint(schema)
 
 
-class ConversationQueries(LedgerBase):
-    def _conversation(self, conn: Connection, channel: str, chat_id: str, thread_id: str) -> str:
-        now = utcnow()
-        conn.execute(
-            self._insert(conversation_t)
-            .values(
-                id=new_id(),
-                channel=channel,
-                chat_id=chat_id,
-                thread_id=thread_id,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["channel", "chat_id", "thread_id"])
+class _AcceptStatements:
+    """The statements of :meth:`ConversationQueries.accept_message`, built once: taking a
+    message is the gateway's hot path, and building and keying SQLAlchemy statements anew for
+    every message cost more CPU than the database's own work."""
+
+    def __init__(self, dialect: str, insert: Any) -> None:
+        bp = sa.bindparam
+        conv = insert(conversation_t).values(
+            id=bp("new_conversation_id"),
+            channel=bp("channel"),
+            chat_id=bp("chat_id"),
+            thread_id=bp("thread_id"),
+            created_at=bp("now"),
+            updated_at=bp("now"),
         )
-        return conn.execute(
-            sa.select(C.id).where(
-                C.channel == channel, C.chat_id == chat_id, C.thread_id == thread_id
+        # Touching the row on conflict returns its id in the same statement, and on
+        # PostgreSQL locks it: one message of a conversation at a time decides what happens.
+        self.conversation = conv.on_conflict_do_update(
+            index_elements=["channel", "chat_id", "thread_id"],
+            set_={"updated_at": conv.excluded.updated_at},
+        ).returning(C.id)
+        self.inbox = (
+            insert(inbox_t)
+            .values(
+                conversation_id=bp("conv"),
+                channel=bp("channel"),
+                source_event_id=bp("message_id"),
+                sender=bp("sender"),
+                text=bp("text"),
+                payload=bp("payload", type_=inbox_t.c.payload.type),
+                disposition="started",
+                created_at=bp("now"),
             )
+            .on_conflict_do_nothing(index_elements=["channel", "source_event_id"])
+            .returning(I.id)
+        )
+        self.duplicate = sa.select(inbox_t).where(
+            I.channel == bp("channel"), I.source_event_id == bp("message_id")
+        )
+        self.settle = (
+            sa.update(inbox_t)
+            .where(I.id == bp("inbox_id"))
+            .values(disposition=bp("disposition"), work_id=bp("work_id"), wait_id=bp("wait_id"))
+        )
+        wait = (
+            sa.select(wait_t)
+            .join(work_t, W.id == wait_t.c.work_id)
+            .where(
+                wait_t.c.conversation_id == bp("conv"),
+                wait_t.c.kind == "input",
+                wait_t.c.state == "pending",
+            )
+            .order_by(wait_t.c.created_at)
+            .limit(1)
+        )
+        self.input_wait = wait.with_for_update() if dialect == "postgresql" else wait
+        self.active = (
+            sa.select(W.id, W.state, W.not_before, W.input)
+            .where(
+                W.conversation_id == bp("conv"),
+                W.state.in_([WorkState.RUNNING.value, WorkState.QUEUED.value]),
+            )
+            .order_by(W.created_at.desc())
+        )
+        self.work = sa.insert(work_t).values(
+            id=bp("work_id"),
+            agent=bp("agent"),
+            state=WorkState.QUEUED.value,
+            input=bp("input", type_=work_t.c.input.type),
+            attempt=1,
+            max_attempts=5,
+            source=bp("channel"),
+            source_event_id=bp("message_id"),
+            conversation_id=bp("conv"),
+            priority=0,
+            lease_epoch=0,
+            not_before=bp("not_before", type_=W.not_before.type),
+            state_reason="created",
+            state_detail=bp("state_detail", type_=work_t.c.state_detail.type),
+            created_at=bp("now"),
+            updated_at=bp("now"),
+        )
+
+
+class ConversationQueries(LedgerBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._accept = _AcceptStatements(self.dialect, self._insert)
+
+    def _conversation(self, conn: Connection, channel: str, chat_id: str, thread_id: str) -> str:
+        """The conversation's id, created on first use (and its ``updated_at`` touched)."""
+        return conn.execute(
+            self._accept.conversation,
+            {
+                "new_conversation_id": new_id(),
+                "channel": channel,
+                "chat_id": chat_id,
+                "thread_id": thread_id,
+                "now": utcnow(),
+            },
         ).scalar_one()
 
     async def accept_message(
@@ -147,32 +228,27 @@ class ConversationQueries(LedgerBase):
         ``(channel, message_id)`` changes nothing and returns what the first one became."""
         if on_busy not in ON_BUSY:
             raise ValueError(f"on_busy must be one of {ON_BUSY}")
-        postgres = self.dialect == "postgresql"
         resolve_row = self._resolve_row  # type: ignore[attr-defined]
+        st = self._accept
 
         def tx(conn: Connection) -> tuple[Accepted, bool]:
             now = utcnow()
             conv = self._conversation(conn, channel, chat_id, thread_id)
-            if postgres:  # one message of a conversation at a time decides what happens
-                conn.execute(sa.select(C.id).where(C.id == conv).with_for_update())
             inserted = conn.execute(
-                self._insert(inbox_t)
-                .values(
-                    conversation_id=conv,
-                    channel=channel,
-                    source_event_id=message_id,
-                    sender=sender,
-                    text=text,
-                    payload=payload,
-                    disposition="started",
-                    created_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["channel", "source_event_id"])
-                .returning(I.id)
+                st.inbox,
+                {
+                    "conv": conv,
+                    "channel": channel,
+                    "message_id": message_id,
+                    "sender": sender,
+                    "text": text,
+                    "payload": payload,
+                    "now": now,
+                },
             ).first()
             if inserted is None:
                 row = conn.execute(
-                    sa.select(inbox_t).where(I.channel == channel, I.source_event_id == message_id)
+                    st.duplicate, {"channel": channel, "message_id": message_id}
                 ).one()
                 dup = Accepted(conv, row.id, row.disposition, row.work_id, row.wait_id, True)
                 return dup, False
@@ -180,25 +256,18 @@ class ConversationQueries(LedgerBase):
 
             def settle(disposition: str, work_id: str | None, wait_id: str | None = None) -> Any:
                 conn.execute(
-                    sa.update(inbox_t)
-                    .where(I.id == inbox_id)
-                    .values(disposition=disposition, work_id=work_id, wait_id=wait_id)
+                    st.settle,
+                    {
+                        "inbox_id": inbox_id,
+                        "disposition": disposition,
+                        "work_id": work_id,
+                        "wait_id": wait_id,
+                    },
                 )
                 return Accepted(conv, inbox_id, disposition, work_id, wait_id, False)
 
             # 1. the conversation's work waits for input: this message is the answer
-            q = (
-                sa.select(wait_t)
-                .join(work_t, W.id == wait_t.c.work_id)
-                .where(
-                    wait_t.c.conversation_id == conv,
-                    wait_t.c.kind == "input",
-                    wait_t.c.state == "pending",
-                )
-                .order_by(wait_t.c.created_at)
-                .limit(1)
-            )
-            wait = conn.execute(q.with_for_update() if postgres else q).first()
+            wait = conn.execute(st.input_wait, {"conv": conv}).first()
             if wait is not None:
                 ok, value, hint = parse_reply(text, wait.payload_schema)
                 if not ok:
@@ -208,14 +277,7 @@ class ConversationQueries(LedgerBase):
                 return settle("resolved_wait", wait.work_id, wait.id), True
 
             # 2. busy: an item of this conversation runs or is queued
-            active = conn.execute(
-                sa.select(W.id, W.state, W.not_before, W.input)
-                .where(
-                    W.conversation_id == conv,
-                    W.state.in_([WorkState.RUNNING.value, WorkState.QUEUED.value]),
-                )
-                .order_by(W.created_at.desc())
-            ).all()
+            active = conn.execute(st.active, {"conv": conv}).all()
             message = {
                 "text": text,
                 "sender": sender,
@@ -256,31 +318,25 @@ class ConversationQueries(LedgerBase):
                 )
             work_id = new_id()
             conn.execute(
-                sa.insert(work_t).values(
-                    id=work_id,
-                    agent=agent,
-                    state=WorkState.QUEUED.value,
-                    input=message,
-                    attempt=1,
-                    max_attempts=5,
-                    source=channel,
-                    source_event_id=message_id,
-                    conversation_id=conv,
-                    priority=0,
-                    lease_epoch=0,
-                    not_before=not_before,
-                    state_reason="created",
-                    state_detail={"actor": sender} if sender else None,
-                    created_at=now,
-                    updated_at=now,
-                )
+                st.work,
+                {
+                    "work_id": work_id,
+                    "agent": agent,
+                    "input": message,
+                    "channel": channel,
+                    "message_id": message_id,
+                    "conv": conv,
+                    "not_before": not_before,
+                    "state_detail": {"actor": sender} if sender else None,
+                    "now": now,
+                },
             )
             disposition = "queued" if active else "started"
             if active and on_busy == "interrupt":
                 disposition = "interrupted"
             return settle(disposition, work_id), True
 
-        accepted, wake = await self.engines.run_write(tx)
+        accepted, wake = await self.engines.run_write(tx, urgent=True)
         if wake:
             self._fire(self._on_queued, agent)
         if accepted.disposition == "interrupted":

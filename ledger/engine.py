@@ -5,7 +5,11 @@ transaction by :meth:`Engines.run_write`:
 
 * SQLite: on one dedicated writer thread with a synchronous ``pysqlite`` connection (one thread
   hop per transaction instead of one per statement, and in-process writers queue for the
-  thread instead of colliding on the file lock);
+  thread instead of colliding on the file lock). The writer commits in groups: whatever
+  transactions queued up while it was busy run together in one ``BEGIN IMMEDIATE … COMMIT``,
+  each inside its own savepoint, so one that raises is rolled back alone and the others commit
+  (one commit and one fsync for the group). Every caller is answered only after the group's
+  ``COMMIT``; a failed ``COMMIT`` fails them all, and nothing of theirs is written;
 * PostgreSQL: on a pooled asyncpg connection through ``AsyncConnection.run_sync``.
 
 Reads go through the async engine. Imports only the ledger's dialect modules.
@@ -14,7 +18,9 @@ Reads go through the async engine. Imports only the ledger's dialect modules.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +34,34 @@ from ledger import _sqlite
 
 T = TypeVar("T")
 
+#: the most transactions the SQLite writer runs in one group commit
+MAX_GROUP = 64
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _end_open_transaction(conn: Connection) -> None:
+    """A ``COMMIT`` that SQLite refused (a deferred constraint, a full disk) leaves the
+    transaction open: roll it back, so the next ``BEGIN`` starts clean."""
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None and dbapi.in_transaction:  # type: ignore[attr-defined]
+        dbapi.execute("ROLLBACK")  # type: ignore[attr-defined]
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller was cancelled; the transaction's outcome stands
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
 
 @dataclass
 class Engines:
@@ -40,20 +74,71 @@ class Engines:
     read: AsyncEngine
     sync_write: sa.Engine | None = None
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _queue: deque[_Job] = field(default_factory=deque, repr=False)
+    #: transactions someone outside is waiting on (an inbound request to ack): they go first
+    _urgent: deque[_Job] = field(default_factory=deque, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _draining: bool = field(default=False, repr=False)
+    #: SQLite group commits so far: (transactions committed, groups); for benchmarks
+    groups: list[int] = field(default_factory=lambda: [0, 0], repr=False)
 
-    async def run_write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(connection, *args)`` in one write transaction; commit if it returns."""
+    async def run_write(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """Run ``fn(connection, *args)`` in a write transaction; return once it committed.
+        If ``fn`` raises, nothing it wrote is kept and the exception is raised here. On SQLite,
+        ``urgent`` transactions (a platform waits for the ack) are taken before the others."""
         if self.sync_write is not None:
             loop = asyncio.get_running_loop()
-            call = functools.partial(self._sync_transaction, fn, args)
-            return await loop.run_in_executor(self._executor, call)
+            future: asyncio.Future[T] = loop.create_future()
+            with self._lock:
+                (self._urgent if urgent else self._queue).append(_Job(fn, args, future, loop))
+                start = not self._draining
+                self._draining = True
+            if start:
+                assert self._executor is not None
+                self._executor.submit(self._drain)
+            return await future
         async with self.write.begin() as conn:
             return await conn.run_sync(fn, *args)
 
-    def _sync_transaction(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _drain(self) -> None:
+        """The writer thread: commit queued transactions, in groups, until none is left."""
+        while True:
+            with self._lock:
+                if not self._queue and not self._urgent:
+                    self._draining = False
+                    return
+                group = [self._urgent.popleft() for _ in range(min(len(self._urgent), MAX_GROUP))]
+                room = MAX_GROUP - len(group)
+                group += [self._queue.popleft() for _ in range(min(len(self._queue), room))]
+            self._commit_group(group)
+
+    def _commit_group(self, group: list[_Job]) -> None:
         assert self.sync_write is not None
-        with self.sync_write.begin() as conn:
-            return fn(conn, *args)
+        outcomes: list[tuple[bool, Any]] = []
+        with self.sync_write.connect() as conn:
+            try:
+                with conn.begin():
+                    if len(group) == 1:
+                        outcomes.append((True, group[0].fn(conn, *group[0].args)))
+                    else:
+                        for job in group:
+                            savepoint = conn.begin_nested()
+                            try:
+                                value = job.fn(conn, *job.args)
+                            except Exception as exc:
+                                savepoint.rollback()
+                                outcomes.append((False, exc))
+                            else:
+                                savepoint.commit()
+                                outcomes.append((True, value))
+            except Exception as exc:  # the lone transaction raised, or BEGIN / COMMIT failed
+                outcomes = [(False, exc)] * len(group)
+                _end_open_transaction(conn)
+        self.groups[0] += len(group)
+        self.groups[1] += 1
+        for job, (ok, value) in zip(group, outcomes, strict=True):
+            with contextlib.suppress(RuntimeError):  # that caller's event loop is closed
+                job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
 
     async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(connection, *args)`` on a read connection."""

@@ -3,10 +3,10 @@
 Its parts live beside it, one concern each: :mod:`ledger.work` (creation, claims, leases,
 worker-side transitions), :mod:`ledger.steps` (fenced step records), :mod:`ledger.waits`
 (durable waits), :mod:`ledger.conversations` (chat messages in and out),
-:mod:`ledger.control` (operator actions) and :mod:`ledger.maintenance`
-(worker rows, retention). Every state change is a conditional ``UPDATE`` built from
-:mod:`ledger.states`; the database's history triggers append the matching ``event`` in the
-same transaction.
+:mod:`ledger.control` (operator actions), :mod:`ledger.maintenance`
+(worker rows, retention) and :mod:`ledger.usage` (model-call spend and totals). Every state
+change is a conditional ``UPDATE`` built from :mod:`ledger.states`; the database's history
+triggers append the matching ``event`` in the same transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ledger.maintenance import MaintenanceQueries
 from ledger.observability import ObservabilityQueries
 from ledger.outbox import OutboxQueries
 from ledger.steps import StepQueries
+from ledger.usage import UsageQueries
 from ledger.waits import WaitQueries
 from ledger.work import WorkQueries
 
@@ -32,5 +33,6 @@ class Ledger(
     ObservabilityQueries,
     OutboxQueries,
     ChannelStateQueries,
+    UsageQueries,
 ):
     """Async access to the work ledger. One instance per process; safe to share between tasks."""

@@ -66,3 +66,5 @@ class StepWrite:
     finished_at: datetime | None = None
     progress: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: when the worker made it durable: ``sync``, ``batched`` or ``exit``
+    durability: str = "sync"

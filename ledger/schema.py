@@ -91,6 +91,23 @@ class Step(SQLModel, table=True):
     output_tokens: int | None = None
     cost: float | None = None
     finish_reason: str | None = Field(default=None, max_length=40)
+    #: the model the endpoint says answered (often a dated version of the one asked)
+    model_answered: str | None = Field(default=None, max_length=200)
+    total_tokens: int | None = None
+    latency_ms: int | None = None
+    #: the tool calls the model asked for: ``[{id, name, arguments}]`` (SQL NULL for steps
+    #: that are no model call)
+    tool_calls: Any = Field(
+        default=None,
+        sa_type=sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql"),
+        nullable=True,
+    )
+    #: the model's output is this step's recorded result (streamed partials never are)
+    output_committed: bool | None = None
+    #: how the worker made this record durable: ``sync``, ``batched`` or ``exit``
+    durability: str | None = Field(default=None, max_length=8)
+    #: when the transaction that recorded the finished attempt committed (about)
+    committed_at: datetime | None = None
 
 
 class Wait(SQLModel, table=True):
@@ -101,6 +118,7 @@ class Wait(SQLModel, table=True):
         sa.UniqueConstraint("work_id", "step_seq", name="uq_wait_step"),
         sa.Index("ix_wait_pending_deadline", "state", "deadline"),
         sa.Index("ix_wait_signal_name", "kind", "name", "key", "state"),
+        sa.Index("ix_wait_conversation", "conversation_id", "state"),
     )
 
     id: str = Field(primary_key=True, max_length=40)

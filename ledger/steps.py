@@ -5,6 +5,7 @@ Imported only by :mod:`ledger.ledger`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,8 +14,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase, W, check_lease
-from ledger.errors import IllegalTransition
-from ledger.records import Claim, StepRecord, StepWrite
+from ledger.errors import IllegalTransition, LeaseLost
+from ledger.records import Claim, StepRecord, StepWrite, utcnow
 from ledger.schema import JSONType, step_t
 from ledger.states import WorkState
 
@@ -34,7 +35,25 @@ _COLUMNS = (
     "finished_at",
     "last_heartbeat_at",
     "progress",
+    "durability",
+    "committed_at",
 )
+#: step columns a step may fill from ``StepWrite.extra`` (model-call metadata); written when
+#: the attempt finishes, never by a running record
+STEP_META_COLUMNS: tuple[str, ...] = (
+    "model",
+    "prompt_fingerprint",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "finish_reason",
+    "model_answered",
+    "total_tokens",
+    "latency_ms",
+    "tool_calls",
+    "output_committed",
+)
+_COLUMNS = _COLUMNS + STEP_META_COLUMNS
 _TYPES: dict[str, Any] = {
     "output": JSONType,
     "error": JSONType,
@@ -46,7 +65,30 @@ _TYPES: dict[str, Any] = {
     "started_at": S.started_at.type,
     "finished_at": S.finished_at.type,
     "last_heartbeat_at": S.last_heartbeat_at.type,
+    "committed_at": S.committed_at.type,
 }
+
+
+def _finishing_conflict(new: Any) -> tuple[dict[str, Any], Any]:
+    """What a finished attempt overwrites on conflict, and when: never a succeeded record."""
+    keep = ("work_id", "seq", "last_heartbeat_at", "progress")
+    set_ = {c: getattr(new, c) for c in _COLUMNS if c not in keep}
+    set_["progress"] = sa.func.coalesce(new.progress, S.progress)
+    return set_, S.status != "succeeded"
+
+
+def batch_step_upsert(dialect: str) -> Any:
+    """``INSERT … VALUES … ON CONFLICT DO UPDATE … RETURNING`` for finished attempts, executed
+    with many parameter sets at once (group commit). Not fenced itself: the caller checks the
+    leases of the whole batch in the same transaction first."""
+    insert = sqlite_dialect.insert if dialect == "sqlite" else pg_dialect.insert
+    stmt = insert(step_t).values(
+        {c: sa.bindparam(c, type_=_TYPES.get(c, S[c].type)) for c in _COLUMNS}
+    )
+    set_, where = _finishing_conflict(stmt.excluded)
+    return stmt.on_conflict_do_update(
+        index_elements=["work_id", "seq"], set_=set_, where=where
+    ).returning(S.work_id, S.seq)
 
 
 def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
@@ -58,7 +100,7 @@ def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
     progress of the same running attempt (a late one never reopens a finished attempt).
     """
     insert = sqlite_dialect.insert if dialect == "sqlite" else pg_dialect.insert
-    values = [sa.bindparam(c, type_=_TYPES.get(c)).label(c) for c in _COLUMNS]
+    values = [sa.bindparam(c, type_=_TYPES.get(c, S[c].type)).label(c) for c in _COLUMNS]
     source = sa.select(*values).where(
         W.id == sa.bindparam("work_id"),
         W.lease_epoch == sa.bindparam("epoch"),
@@ -67,10 +109,7 @@ def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
     stmt = insert(step_t).from_select(list(_COLUMNS), source)
     new = stmt.excluded
     if finishing:
-        keep = ("work_id", "seq", "last_heartbeat_at", "progress")
-        set_ = {c: getattr(new, c) for c in _COLUMNS if c not in keep}
-        set_["progress"] = sa.func.coalesce(new.progress, S.progress)
-        where = S.status != "succeeded"
+        set_, where = _finishing_conflict(new)
     else:
         set_ = {
             "name": new.name,
@@ -100,6 +139,7 @@ class StepQueries(LedgerBase):
         super().__init__(*args, **kwargs)
         self._record_finished = fenced_step_upsert(self.dialect, finishing=True)
         self._record_running = fenced_step_upsert(self.dialect, finishing=False)
+        self._record_batch = batch_step_upsert(self.dialect)
 
     async def load_steps(self, work_id: str) -> dict[int, StepRecord]:
         """The recorded steps of a work item, for replay."""
@@ -129,6 +169,9 @@ class StepQueries(LedgerBase):
             "finished_at": w.finished_at,
             "last_heartbeat_at": w.started_at if w.status == "running" else None,
             "progress": w.progress,
+            "durability": w.durability,
+            "committed_at": None if w.status == "running" else utcnow(),
+            **{c: w.extra.get(c) for c in STEP_META_COLUMNS},
         }
 
     async def record_step(self, claim: Claim, write: StepWrite) -> None:
@@ -144,6 +187,49 @@ class StepQueries(LedgerBase):
                 )
 
         await self.engines.run_write(tx)
+
+    async def record_steps(
+        self, batch: Sequence[tuple[Claim, StepWrite]]
+    ) -> list[BaseException | None]:
+        """Record many finished step attempts, of any number of work items, in ONE transaction
+        (group commit). Returns one outcome per entry, in order: ``None`` when recorded,
+        :class:`LeaseLost` when that item's lease is no longer the claim's (nothing of that
+        item is written), :class:`IllegalTransition` when its step is already recorded as
+        succeeded. Other items' records commit regardless."""
+        if not batch:
+            return []
+        work_ids = sorted({claim.work_id for claim, _ in batch})
+        stmt = self._record_batch
+
+        def tx(conn: Connection) -> list[BaseException | None]:
+            held: dict[str, int] = {}
+            for i in range(0, len(work_ids), 500):
+                rows = conn.execute(
+                    sa.select(W.id, W.lease_epoch).where(
+                        W.id.in_(work_ids[i : i + 500]), W.state == WorkState.RUNNING.value
+                    )
+                )
+                held.update({r.id: r.lease_epoch for r in rows})
+            outcomes: list[BaseException | None] = []
+            params = []
+            for claim, write in batch:
+                if held.get(claim.work_id) != claim.epoch:
+                    outcomes.append(LeaseLost(claim.work_id, claim.epoch))
+                    continue
+                outcomes.append(None)
+                p = self._step_params(claim, write)
+                del p["epoch"]
+                params.append(p)
+            if params:
+                done = {(r.work_id, r.seq) for r in conn.execute(stmt, params)}
+                for i, (claim, write) in enumerate(batch):
+                    if outcomes[i] is None and (claim.work_id, write.seq) not in done:
+                        outcomes[i] = IllegalTransition(
+                            claim.work_id, "running", "step recorded", f"step {write.seq} exists"
+                        )
+            return outcomes
+
+        return await self.engines.run_write(tx)
 
     async def record_step_running(
         self, claim: Claim, write: StepWrite, *, heartbeat_at: Any = None

@@ -213,8 +213,11 @@ class WaitQueries(LedgerBase):
 
     def _send_prompt(self, conn: Connection, row: Any) -> None:
         """An approval or input wait asks its question in its conversation, once (with the
-        wait it opens, in the same transaction)."""
+        wait it opens, in the same transaction). A wait on the ``operator`` channel (such as a
+        budget approval) is for the operator only and is never posted in the conversation."""
         if row.kind not in ("approval", "input") or row.conversation_id is None or not row.prompt:
+            return
+        if row.channel == "operator":
             return
         channel = conn.execute(
             sa.select(conversation_t.c.channel).where(conversation_t.c.id == row.conversation_id)
@@ -286,7 +289,7 @@ class WaitQueries(LedgerBase):
                 raise WaitNotFound(f"with id {wait_id!r}")
             return self._resolve_row(conn, row, payload, by, utcnow())
 
-        wait = await self.engines.run_write(tx)
+        wait = await self.engines.run_write(tx, urgent=True)
         self._fire(self._on_queued, "")
         return wait
 
@@ -299,7 +302,7 @@ class WaitQueries(LedgerBase):
                 raise WaitNotFound("for this resume URL")
             return self._resolve_row(conn, row, {"data": data}, by, utcnow())
 
-        wait = await self.engines.run_write(tx)
+        wait = await self.engines.run_write(tx, urgent=True)
         self._fire(self._on_queued, "")
         return wait
 
@@ -321,7 +324,7 @@ class WaitQueries(LedgerBase):
                 for row in conn.execute(self._locked(q)).all()
             ]
 
-        waits = await self.engines.run_write(tx)
+        waits = await self.engines.run_write(tx, urgent=True)
         if waits:
             self._fire(self._on_queued, "")
         return waits

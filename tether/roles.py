@@ -132,6 +132,11 @@ async def _start_gateway(
         known_agents=agents,
         chat_policies={a: p for a, p in chat_policies().items() if agents is None or a in agents},
     )
+    if settings.telegram_token is not None:
+        # Seconds of CPU: done before listening, not while the first requests are answered.
+        from adapters.telegram import import_client_library
+
+        await asyncio.to_thread(import_client_library)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -189,6 +194,7 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
     """Gateway + worker pool + scheduler in one process (SQLite migrated on start)."""
     from scheduler import SchedulerService
     from worker import WorkerPool
+    from worker.model_calls import ModelRuntime
 
     agents = _load_agents(settings)
     ledger = await open_ledger(settings, migrate=settings.is_sqlite)
@@ -199,6 +205,9 @@ async def run_serve(settings: Settings, *, concurrency: int | None = None) -> No
         poll_interval=settings.poll_interval,
         agents=agents,
         public_url=settings.effective_public_url,
+        models=ModelRuntime.from_settings(settings),
+        group_commit_ms=settings.group_commit_ms,
+        group_commit_max=settings.group_commit_max,
     )
     sched = SchedulerService(
         ledger, reaper_interval=settings.reaper_interval, schedules=settings.schedules
@@ -243,6 +252,7 @@ async def run_gateway(settings: Settings) -> None:
 
 async def run_worker(settings: Settings, *, concurrency: int | None = None) -> None:
     from worker import WorkerPool
+    from worker.model_calls import ModelRuntime
 
     agents = _load_agents(settings)
     ledger = await open_ledger(settings, migrate=False)
@@ -253,6 +263,9 @@ async def run_worker(settings: Settings, *, concurrency: int | None = None) -> N
         poll_interval=settings.poll_interval,
         agents=agents,
         public_url=settings.effective_public_url,
+        models=ModelRuntime.from_settings(settings),
+        group_commit_ms=settings.group_commit_ms,
+        group_commit_max=settings.group_commit_max,
     )
     log.info("worker %s starting (database %s)", pool.worker_id, _safe_url(settings.database_url))
     try:

@@ -2,7 +2,15 @@
 
 Execution is step memoization with re-execution: a resumed work item runs its function from the
 top; each ``ctx.step`` whose result is recorded returns it at once; the first unrecorded step
-runs for real and its result is committed (fenced on the lease epoch) before ``step`` returns.
+runs for real and its result is recorded (fenced on the lease epoch).
+
+When a result becomes durable is the step's *durability* (the agent's default, or per step):
+``sync`` commits it before ``step`` returns; ``batched`` queues it for the process's next group
+commit (:mod:`worker.commits`); ``exit`` keeps it in memory until the item finishes, fails or
+waits. Semantic boundaries always flush what is pending first: before a ``side_effect=True``
+step runs (whose own record is then always ``sync``), before a reply is sent, before a wait,
+before a child is spawned, and before the item's outcome is written. So a crash can only re-run
+pure steps whose records were still pending, never an external effect.
 Imports ledger and the worker's own modules.
 """
 
@@ -26,6 +34,7 @@ from pydantic import TypeAdapter
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ledger import Claim, LeaseLost, Ledger, StepRecord, StepWrite, utcnow
+from worker.commits import StepCommitter
 from worker.errors import (
     ChildFailed,
     HeartbeatTimeout,
@@ -36,6 +45,8 @@ from worker.errors import (
     Suspended,
     WorkInterrupted,
 )
+from worker.model_calls import ModelCallsMixin
+from worker.registry import DURABILITY_MODES
 from worker.retry import DEFAULT_STEP_RETRY, RetryPolicy
 from worker.waiting import WaitingMixin
 
@@ -46,6 +57,13 @@ log = logging.getLogger(__name__)
 START_RECORD_DELAY = 0.25
 #: At most one progress write per step per this many seconds; the latest progress wins.
 HEARTBEAT_WRITE_INTERVAL = 1.0
+
+
+def check_durability(value: str) -> str:
+    if value not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {value!r}")
+    return value
+
 
 _current_step: contextvars.ContextVar[StepHandle | None] = contextvars.ContextVar(
     "tether_current_step", default=None
@@ -192,7 +210,7 @@ def _return_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
     return adapter
 
 
-class Context(WaitingMixin):
+class Context(WaitingMixin, ModelCallsMixin):
     """Handed to every agent call: the API agent code uses to be durable."""
 
     def __init__(
@@ -202,8 +220,16 @@ class Context(WaitingMixin):
         recorded: dict[int, StepRecord],
         *,
         public_url: str = "http://127.0.0.1:8080",
+        committer: StepCommitter | None = None,
+        durability: str = "sync",
     ) -> None:
         self._ledger = ledger
+        self._committer = committer if committer is not None else StepCommitter(ledger)
+        self.durability = check_durability(durability)
+        #: ``exit``-mode records, kept in memory until the next flush
+        self._held: list[StepWrite] = []
+        #: ``batched`` records queued with the committer and not yet known to be durable
+        self._queued: list[asyncio.Future[None]] = []
         self.public_url = public_url
         self._claim = claim
         self._recorded = recorded
@@ -253,16 +279,27 @@ class Context(WaitingMixin):
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         heartbeat_timeout: float | None = None,
+        record_meta: Callable[[Any], dict[str, Any]] | None = None,
+        durability: str | None = None,
+        side_effect: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once, durably: its JSON result is recorded and returned
         again on replay. ``current_step()`` inside ``fn`` gives its idempotency key
         ``{work_id}:{seq}``. Failed attempts are retried per ``retry``; ``timeout`` bounds each
-        attempt; ``heartbeat_timeout`` fails an attempt that stops calling ``heartbeat()``."""
+        attempt; ``heartbeat_timeout`` fails an attempt that stops calling ``heartbeat()``.
+        ``record_meta(result)`` (for the runtime's own steps, such as model calls) returns
+        step columns to record beside the output (see ``ledger.steps.STEP_META_COLUMNS``).
+        ``durability`` overrides the agent's for this step; ``side_effect=True`` declares that
+        ``fn`` acts on the world: everything pending is made durable before it runs, and its
+        own record is committed before ``step`` returns."""
         seq, rec = self._next(name)
         if rec is not None and rec.status == "succeeded":
             adapter = _return_adapter(fn)
             return rec.output if adapter is None else adapter.validate_python(rec.output)
+        mode = "sync" if side_effect else check_durability(durability or self.durability)
+        if side_effect:
+            await self.flush()
         policy = retry or DEFAULT_STEP_RETRY
         first = rec.attempt + 1 if rec is not None else 1
         tries = 0
@@ -271,7 +308,16 @@ class Context(WaitingMixin):
             attempt = first + tries - 1
             try:
                 return await self._attempt(
-                    seq, name, attempt, fn, args, kwargs, timeout, heartbeat_timeout
+                    seq,
+                    name,
+                    attempt,
+                    fn,
+                    args,
+                    kwargs,
+                    timeout,
+                    heartbeat_timeout,
+                    record_meta,
+                    mode,
                 )
             except (LeaseLost, WorkInterrupted, StepResultNotSerializable):
                 raise
@@ -296,6 +342,8 @@ class Context(WaitingMixin):
         kwargs: dict[str, Any],
         timeout: float | None,
         heartbeat_timeout: float | None,
+        record_meta: Callable[[Any], dict[str, Any]] | None = None,
+        mode: str = "sync",
     ) -> Any:
         started = utcnow()
         handle = StepHandle(self, seq, name, attempt, started)
@@ -321,7 +369,7 @@ class Context(WaitingMixin):
             except (LeaseLost, WorkInterrupted, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._record(handle, started, status="failed", exc=exc)
+                await self._record(handle, started, status="failed", exc=exc, mode=mode)
                 raise
             try:
                 output = to_json_data(result)
@@ -330,12 +378,15 @@ class Context(WaitingMixin):
                     f"step {seq} {name!r} returned a {type(result).__name__}, which cannot be "
                     f"stored as JSON ({exc}); return JSON-compatible data or a pydantic model"
                 )
-                await self._record(handle, started, status="failed", exc=err)
+                await self._record(handle, started, status="failed", exc=err, mode=mode)
                 raise err from None
             if timer is not None:
                 timer.cancel()
                 timer = None
-            await self._record(handle, started, status="succeeded", output=output)
+            extra = record_meta(result) if record_meta is not None else None
+            await self._record(
+                handle, started, status="succeeded", output=output, extra=extra, mode=mode
+            )
             return result
         finally:
             if timer is not None:
@@ -357,23 +408,61 @@ class Context(WaitingMixin):
         status: str,
         output: Any = None,
         exc: BaseException | None = None,
+        extra: dict[str, Any] | None = None,
+        mode: str = "sync",
     ) -> None:
-        await self._ledger.record_step(
-            self._claim,
-            StepWrite(
-                seq=handle.seq,
-                name=handle.name,
-                attempt=handle.attempt,
-                idempotency_key=handle.idempotency_key,
-                started_at=started,
-                status=status,
-                output=output,
-                error=error_info(exc) if exc is not None else None,
-                error_type=type(exc).__name__ if exc is not None else None,
-                finished_at=utcnow(),
-                progress=handle._pending_progress,  # the last heartbeat's, not yet written
-            ),
+        write = StepWrite(
+            seq=handle.seq,
+            name=handle.name,
+            attempt=handle.attempt,
+            idempotency_key=handle.idempotency_key,
+            started_at=started,
+            status=status,
+            output=output,
+            error=error_info(exc) if exc is not None else None,
+            error_type=type(exc).__name__ if exc is not None else None,
+            finished_at=utcnow(),
+            progress=handle._pending_progress,  # the last heartbeat's, not yet written
+            extra=extra or {},
+            durability=mode,
         )
+        if mode == "exit":
+            self._held.append(write)
+            await asyncio.sleep(0)  # a loop of quick steps must not starve lease renewal
+        elif mode == "batched":
+            self._release_held()
+            self._queued.append(self._committer.submit(self._claim, write))
+            await asyncio.sleep(0)  # let the group commit run when it is due
+        else:
+            self._release_held()
+            await self._committer.commit(self._claim, write)
+
+    # -- durability --------------------------------------------------------------------------
+
+    def _release_held(self) -> None:
+        """Hand the ``exit``-mode records to the committer (they commit before what follows)."""
+        for write in self._held:
+            self._queued.append(self._committer.submit(self._claim, write, urgent=True))
+        self._held.clear()
+
+    @property
+    def pending_records(self) -> int:
+        """Step records of this item not yet known to be durable."""
+        return len(self._held) + sum(1 for f in self._queued if not f.done())
+
+    async def flush(self) -> None:
+        """Make every step record of this item durable (a semantic boundary). Raises
+        :class:`ledger.LeaseLost` if the lease was lost meanwhile, or the commit's error."""
+        self._release_held()
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        if not all(f.done() for f in queued):
+            self._committer.kick()
+        errors = [e for e in await asyncio.gather(*queued, return_exceptions=True) if e]
+        if errors:
+            lost = [e for e in errors if isinstance(e, LeaseLost)]
+            raise (lost or errors)[0]
 
     async def _run_watched(
         self,
@@ -436,6 +525,7 @@ class Context(WaitingMixin):
         seq, rec = self._next("reply")
         if rec is not None and rec.status == "succeeded":
             return
+        await self.flush()
         await self._ledger.record_reply(self._claim, seq, "reply", str(text))
 
     # -- child work --------------------------------------------------------------------------
@@ -443,7 +533,9 @@ class Context(WaitingMixin):
     async def spawn(self, agent: str, input: Any = None, *, max_attempts: int = 5) -> ChildHandle:
         """Start child work (once, however often this work replays)."""
         payload = to_jsonable_python(input)
-        out = await self.step(f"spawn:{agent}", self._spawn_child, agent, payload, max_attempts)
+        out = await self.step(
+            f"spawn:{agent}", self._spawn_child, agent, payload, max_attempts, side_effect=True
+        )
         return ChildHandle(work_id=out["work_id"], agent=agent)
 
     async def _spawn_child(self, agent: str, payload: Any, max_attempts: int) -> dict[str, str]:
@@ -459,6 +551,7 @@ class Context(WaitingMixin):
         name = f"join:{child_id}"
         seq, rec = self._next(name)
         if rec is None or rec.status != "succeeded":
+            await self.flush()
             self.parking = True
             finished = await self._ledger.suspend_for_child(self._claim, child_id)
             if finished is None:

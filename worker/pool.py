@@ -23,8 +23,10 @@ from datetime import timedelta
 from pydantic_core import PydanticSerializationError
 
 from ledger import Claim, LeaseLost, Ledger, new_id, utcnow
+from worker.commits import StepCommitter
 from worker.context import Context, current_work_id, error_info, to_json_data
 from worker.errors import NonDeterminismError, Suspended, UnknownAgent, WorkInterrupted
+from worker.model_calls import ModelRuntime
 from worker.registry import get_agent, registered_agents
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,12 @@ class WorkerPool:
     agents: frozenset[str] | None = None
     #: base of the resume URLs agents hand out (``TETHER_PUBLIC_URL``)
     public_url: str = "http://127.0.0.1:8080"
+    #: the model endpoint, prices and budgets for ``ctx.model_call`` (None: from the settings)
+    models: ModelRuntime | None = None
+    #: group commit: the longest a ``batched`` step record waits, and the most records per
+    #: transaction (``TETHER_GROUP_COMMIT_MS``, ``TETHER_GROUP_COMMIT_MAX``)
+    group_commit_ms: float = 5.0
+    group_commit_max: int = 500
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{new_id()[-8:]}"
     )
@@ -67,6 +75,9 @@ class WorkerPool:
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self.completed = 0
+        self.committer = StepCommitter(
+            self.ledger, max_delay=self.group_commit_ms / 1000, max_records=self.group_commit_max
+        )
 
     # -- public ------------------------------------------------------------------------------
 
@@ -97,6 +108,8 @@ class WorkerPool:
             await self._claim_loop(sorted(agents))
         finally:
             await self._wind_down()
+            with contextlib.suppress(Exception):
+                await self.committer.close()
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
@@ -193,7 +206,15 @@ class WorkerPool:
             await self.ledger.fail_work(claim, error_info(exc))
             return
         recorded = await self.ledger.load_steps(claim.work_id)
-        ctx = Context(self.ledger, claim, recorded, public_url=self.public_url)
+        ctx = Context(
+            self.ledger,
+            claim,
+            recorded,
+            public_url=self.public_url,
+            committer=self.committer,
+            durability=spec.durability,
+        )
+        ctx.models = self.models
         running = self._running.get(claim.work_id)
         if running is not None:
             running.ctx = ctx
@@ -210,15 +231,18 @@ class WorkerPool:
         except Suspended:
             return
         except WorkInterrupted:
+            await ctx.flush()
             state = await self.ledger.acknowledge_control(claim)
             log.info("work %s %s at a step boundary", claim.work_id, state)
             return
         except LeaseLost:
             raise
         except NonDeterminismError as exc:
+            await ctx.flush()
             await self.ledger.fail_work(claim, error_info(exc))
             return
         except Exception as exc:
+            await ctx.flush()
             if ctx.nondeterminism is not None:
                 await self.ledger.fail_work(claim, error_info(ctx.nondeterminism))
                 return
@@ -232,8 +256,10 @@ class WorkerPool:
             output = to_json_data(result)
         except (PydanticSerializationError, ValueError) as exc:
             err = TypeError(f"agent {claim.agent!r} returned a value that is not JSON: {exc}")
+            await ctx.flush()
             await self.ledger.fail_work(claim, error_info(err))
             return
+        await ctx.flush()
         await self.ledger.complete_work(claim, output)
 
     # -- leases ------------------------------------------------------------------------------

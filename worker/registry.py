@@ -17,6 +17,9 @@ from pydantic import TypeAdapter
 from worker.errors import UnknownAgent
 from worker.retry import NO_RETRY, RetryPolicy
 
+#: when step records become durable (see :mod:`worker.context`)
+DURABILITY_MODES = ("sync", "batched", "exit")
+
 AgentFn = Callable[..., Awaitable[Any]]
 
 
@@ -33,6 +36,12 @@ class AgentSpec:
     on_busy: str = "enqueue"
     #: how long ``collect`` gathers messages into one input
     collect_window: float = 2.0
+    #: when step records become durable by default: ``sync``, ``batched`` or ``exit``
+    durability: str = "sync"
+    #: USD its work may spend on model calls per work item / per conversation before an
+    #: operator must approve more; None: the settings' (``math.inf``: unlimited)
+    budget_per_work: float | None = None
+    budget_per_conversation: float | None = None
 
     def parse_input(self, raw: Any) -> Any:
         return raw if self.input_adapter is None else self.input_adapter.validate_python(raw)
@@ -47,6 +56,9 @@ def agent(
     retry: RetryPolicy | None = None,
     on_busy: str = "enqueue",
     collect_window: float = 2.0,
+    durability: str = "sync",
+    budget_per_work: float | None = None,
+    budget_per_conversation: float | None = None,
 ) -> Callable[[AgentFn], AgentFn]:
     """Register ``async def fn(ctx, input)`` as the agent ``name``.
 
@@ -56,12 +68,25 @@ def agent(
     ``on_busy`` says what a chat message does while this agent works in the conversation:
     ``enqueue`` (run after it), ``interrupt`` (cancel it at its next step boundary and run),
     ``reject`` (reply that the agent is busy) or ``collect`` (merge the messages that arrive
-    within ``collect_window`` seconds into one input).
+    within ``collect_window`` seconds into one input). ``durability`` is when its steps'
+    records become durable by default (``sync``: before the step returns; ``batched``: in the
+    worker's next group commit; ``exit``: when the item finishes, fails or waits); semantic
+    boundaries (side effects, replies, waits, spawns) always flush first.
+    ``budget_per_work`` / ``budget_per_conversation`` (USD) override ``TETHER_BUDGET_PER_WORK``
+    / ``TETHER_BUDGET_PER_CONVERSATION`` for this agent's model calls (``math.inf``: unlimited).
     """
     if on_busy not in ON_BUSY:
         raise ValueError(f"on_busy must be one of {ON_BUSY}, not {on_busy!r}")
     if collect_window <= 0:
         raise ValueError("collect_window must be positive")
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    for label, budget in (
+        ("budget_per_work", budget_per_work),
+        ("budget_per_conversation", budget_per_conversation),
+    ):
+        if budget is not None and not budget > 0:
+            raise ValueError(f"{label} must be a positive amount of USD, not {budget!r}")
 
     def register(fn: AgentFn) -> AgentFn:
         if not inspect.iscoroutinefunction(fn):
@@ -81,6 +106,9 @@ def agent(
             input_adapter=_input_adapter(fn),
             on_busy=on_busy,
             collect_window=collect_window,
+            durability=durability,
+            budget_per_work=budget_per_work,
+            budget_per_conversation=budget_per_conversation,
         )
         return fn
 

@@ -58,11 +58,14 @@ class WaitingMixin:
 
         async def step(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any: ...
 
+        async def flush(self) -> None: ...
+
     async def _wait(self, step_name: str, spec: dict[str, Any]) -> WaitOutcome:
         seq, rec = self._next(step_name)
         if rec is not None and rec.status == "succeeded":
             outcome = WaitOutcome.from_json(rec.output)
         else:
+            await self.flush()
             self.parking = True
             result = await self._ledger.enter_wait(
                 self._claim, WaitSpec(seq=seq, **spec), step_name
@@ -172,7 +175,7 @@ class WaitingMixin:
     async def resume_url(self, name: str) -> str:
         """An unguessable URL that resumes this work item's ``wait_for_signal(name)`` once
         (``POST`` JSON to it). The same URL on every replay."""
-        token = await self.step(f"resume_url:{name}", self._open_resume_url, name)
+        token = await self.step(f"resume_url:{name}", self._open_resume_url, name, side_effect=True)
         return f"{self.public_url.rstrip('/')}/resume/{token}"
 
     async def _open_resume_url(self, name: str) -> str:

@@ -2,12 +2,12 @@
 a little JavaScript for confirmations and live regions.
 
 Pages: the work list (state filters, counts), a work item (state, error, lease, current wait,
-steps, history, actions), pending approvals, and a chat box on the HTTP chat channel talking to
-the default agent. The console is a sub-application with its own middleware, so every route
-added here is protected by default: without a valid session cookie a request is redirected to
-``/console/login``; a POST without this session's CSRF token answers 403 and changes nothing.
-Actions go through the ledger only; a refused one (an illegal transition, a wait decided
-already) comes back as a flash message, never a 500.
+steps, model usage, history, actions), pending approvals, model usage totals, and a chat box
+on the HTTP chat channel talking to the default agent. The console is a sub-application with
+its own middleware, so every route added here is protected by default: without a valid session
+cookie a request is redirected to ``/console/login``; a POST without this session's CSRF token
+answers 403 and changes nothing. Actions go through the ledger only; a refused one (an illegal
+transition, a wait decided already) comes back as a flash message, never a 500.
 Imports ledger, config and the gateway's own modules.
 """
 
@@ -36,6 +36,7 @@ from gateway.console import auth
 from gateway.http_chat import CHAT_POLICIES_KEY
 from ledger import TERMINAL, IllegalTransition, Ledger, LedgerUnavailable, WorkNotFound, WorkState
 from ledger.errors import InvalidResolution, WaitAlreadyResolved, WaitNotFound
+from ledger.usage import USAGE_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -512,6 +513,7 @@ async def _work_context(request: web.Request, work_id: str) -> dict[str, Any]:
         "waits": waits,
         "current_wait": pending[-1] if pending else None,
         "children": children,
+        "usage": await ledger.work_usage(work_id),
         "actions": available_actions(work),
         "terminal": WorkState(work.state) in TERMINAL,
         "here": f"{PREFIX}/work/{work.id}",
@@ -630,6 +632,39 @@ async def resolve_approval(request: web.Request) -> web.Response:
         return _redirect(request, back, f"Not done: {exc}", "error")
     verb = "Approved" if decision == "approve" else "Denied"
     return _redirect(request, back, f"{verb}: {wait.prompt or wait.name or wait.id}")
+
+
+# -- model usage ---------------------------------------------------------------------------------
+
+
+def fmt_usd(value: float | None) -> str:
+    """``1.23``, ``0.0042``: cents, or up to 6 decimals for small amounts (``—`` for None)."""
+    if value is None:
+        return "—"
+    if value >= 1 or value == 0:
+        return f"{value:,.2f}"
+    text = f"{value:.6f}".rstrip("0")
+    return text if len(text.split(".")[1]) >= 2 else f"{value:.2f}"
+
+
+async def usage_page(request: web.Request) -> web.Response:
+    """Model calls, tokens and cost grouped by agent, model, conversation or work item."""
+    by = request.query.get("by") or "agent"
+    problem = None
+    if by not in USAGE_GROUPS:
+        problem = f"Unknown grouping {by!r}; showing usage by agent."
+        by = "agent"
+    items, total = await _ledger(request).usage_totals(by, limit=LIST_LIMIT)
+    context = {
+        "nav": "usage",
+        "by": by,
+        "groups": USAGE_GROUPS,
+        "items": items,
+        "total": total,
+        "problem": problem,
+        "limit": LIST_LIMIT,
+    }
+    return await _render(request, "usage.html", context)
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -758,6 +793,7 @@ def setup_console(app: web.Application) -> None:
             "json": fmt_json,
             "compact": fmt_compact,
             "error_text": error_text,
+            "usd": fmt_usd,
             "urlquote": lambda v: quote(str(v), safe=""),
         }
     )
@@ -773,6 +809,7 @@ def setup_console(app: web.Application) -> None:
     r.add_get("/work/{id}", work_page)
     r.add_post("/work/{id}/{action}", work_action)
     r.add_get("/approvals", approvals_page)
+    r.add_get("/usage", usage_page)
     r.add_post("/waits/{id}/resolve", resolve_approval)
     r.add_get("/chat", chat_page)
     r.add_post("/chat", chat_send)

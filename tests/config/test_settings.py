@@ -116,6 +116,27 @@ def test_unrelated_tether_env_vars_are_ignored(monkeypatch: pytest.MonkeyPatch) 
     assert load_settings().port == 8080
 
 
+def test_slack_needs_both_token_and_signing_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    s = load_settings(slack_bot_token="xoxb-1-secret-token", slack_signing_secret="sig-secret")
+    assert s.slack_bot_token is not None and s.slack_signing_secret is not None
+    assert s.slack_bot_token.get_secret_value() == "xoxb-1-secret-token"
+    msg = problem(slack_bot_token="xoxb-1-secret-token")
+    assert "TETHER_SLACK_BOT_TOKEN is set but TETHER_SLACK_SIGNING_SECRET is not" in msg
+    assert "xoxb-1-secret-token" not in msg
+    msg = problem(slack_signing_secret="sig-secret")
+    assert "TETHER_SLACK_SIGNING_SECRET is set but TETHER_SLACK_BOT_TOKEN is not" in msg
+    assert "sig-secret" not in msg
+    monkeypatch.setenv("TETHER_SLACK_BOT_TOKEN", "xoxb-env-token")
+    assert "TETHER_SLACK_SIGNING_SECRET is not" in problem()
+    monkeypatch.delenv("TETHER_SLACK_BOT_TOKEN")
+    # blank values mean unset: the channel is simply off
+    path = write(tmp_path, 'slack_bot_token = ""\nslack_signing_secret = "  "\n')
+    s = load_settings(path)
+    assert s.slack_bot_token is None and s.slack_signing_secret is None
+
+
 def test_toml_file(tmp_path: pathlib.Path) -> None:
     path = write(
         tmp_path,

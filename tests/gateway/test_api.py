@@ -352,7 +352,22 @@ async def test_detail_has_steps_events_and_children(api: Api, ledger: Ledger) ->
         "finished_at",
         "last_heartbeat_at",
         "progress",
+        # model-call metadata (null for other steps)
+        "model",
+        "model_answered",
+        "prompt_fingerprint",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost",
+        "finish_reason",
+        "latency_ms",
+        "tool_calls",
+        # when the record became durable
+        "durability",
+        "committed_at",
     }
+    assert step["durability"] == "sync" and step["committed_at"] is not None
 
     types = [e["type"] for e in detail["events"]]
     assert types[0] == "created" and "claimed" in types and types[-1] == "succeeded"

@@ -1,5 +1,5 @@
 """Built-in agents (the default ``TETHER_AGENT_MODULES``): importing this registers them."""
 
-from worker.agents import demo
+from worker.agents import demo, llm
 
-__all__ = ["demo"]
+__all__ = ["demo", "llm"]
