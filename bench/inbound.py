@@ -1,10 +1,12 @@
-"""Inbound benchmark: Telegram webhook throughput and ack latency of a real ``tether serve``.
+"""Inbound benchmark: Telegram and Slack throughput and ack latency of a real ``tether serve``.
 
-Run: ``python bench/inbound.py [--db sqlite|postgres|both] [--rate 200] [--seconds 10]``.
+Run: ``python bench/inbound.py [--db sqlite|postgres|both] [--channel telegram|slack|both]
+[--rate 200] [--seconds 10]``.
 Each run starts ``tether serve`` on a fresh database (a temporary SQLite file, or the
 PostgreSQL database ``tether_bench_inbound`` from ``TETHER_BENCH_POSTGRES_URL``, recreated and
-migrated with ``tether db upgrade``) with Telegram configured against the fake Bot API of
-``tests/fakes``, then posts updates carrying the secret header with aiohttp, one every
+migrated with ``tether db upgrade``) with Telegram and Slack configured against the fake Bot
+API and Web API of ``tests/fakes``, then posts Telegram updates carrying the secret header, or
+Slack message events signed with ``slack_sdk``'s ``SignatureVerifier``, with aiohttp, one every
 ``1/rate`` s on an open-loop schedule (a slow answer does not delay the next send), each from
 its own chat so conversation ordering plays no part. Ack latency is from the send to the
 answer's last byte. Scenarios:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -40,6 +43,8 @@ from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "fakes"))
+from slack_api import FakeSlack  # noqa: E402
+from slack_sdk.signature import SignatureVerifier  # noqa: E402
 from telegram_api import FakeTelegram  # noqa: E402
 
 PG_ADMIN = os.environ.get(
@@ -51,6 +56,10 @@ SECRET = "bench-secret"
 WEBHOOK = "/channels/telegram/webhook"
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 CONCURRENCY = 2
+SLACK_TOKEN = "xoxb-bench-slack-token"
+SLACK_SECRET = "bench-slack-signing-secret"
+SLACK_EVENTS = "/channels/slack/events"
+SLACK_SIGNER = SignatureVerifier(SLACK_SECRET)
 
 
 def _dsn(url: str) -> str:
@@ -72,6 +81,29 @@ def update(update_id: int, chat: int) -> dict[str, Any]:
             "chat": {"id": chat, "type": "private"},
             "from": {"id": chat, "is_bot": False, "first_name": "b", "username": f"b{chat}"},
             "text": f"bench {update_id}",
+        },
+    }
+
+
+def slack_event(n: int, chat: int) -> dict[str, Any]:
+    ts = f"{1_700_000_000 + n}.{n % 1_000_000:06d}"
+    return {
+        "token": "legacy",
+        "team_id": "TBENCH",
+        "api_app_id": "ABENCH",
+        "type": "event_callback",
+        "event_id": f"EvBENCH{n}",
+        "event_time": 1_700_000_000,
+        "authorizations": [{"team_id": "TBENCH", "user_id": "UBOT", "is_bot": True}],
+        "event": {
+            "type": "message",
+            "channel": f"C{chat}",
+            "channel_type": "channel",
+            "user": f"U{chat}",
+            "text": f"bench {n}",
+            "ts": ts,
+            "event_ts": ts,
+            "team": "TBENCH",
         },
     }
 
@@ -115,7 +147,9 @@ async def running_count(url: str) -> int:
 
 
 @asynccontextmanager
-async def serve(tmp: Path, url: str, api_base: str, **extra: str) -> AsyncIterator[str]:
+async def serve(
+    tmp: Path, url: str, api_base: str, slack_base: str, **extra: str
+) -> AsyncIterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env.update(
@@ -125,6 +159,9 @@ async def serve(tmp: Path, url: str, api_base: str, **extra: str) -> AsyncIterat
         TETHER_TELEGRAM_TOKEN=BOT_TOKEN,
         TETHER_TELEGRAM_WEBHOOK_SECRET=SECRET,
         TETHER_TELEGRAM_API_BASE=api_base,
+        TETHER_SLACK_BOT_TOKEN=SLACK_TOKEN,
+        TETHER_SLACK_SIGNING_SECRET=SLACK_SECRET,
+        TETHER_SLACK_API_BASE=slack_base,
         TETHER_WORKER_CONCURRENCY=str(CONCURRENCY),
         TETHER_POLL_INTERVAL="0.1",
         TETHER_LOG_LEVEL="WARNING",
@@ -163,14 +200,25 @@ async def serve(tmp: Path, url: str, api_base: str, **extra: str) -> AsyncIterat
                     proc.wait(timeout=10)
 
 
-async def _post(http: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> tuple[int, float]:
-    started = time.perf_counter()
-    async with http.post(base + WEBHOOK, json=body, headers=HEADERS) as r:
+async def _post(http: aiohttp.ClientSession, base: str, channel: str, n: int) -> tuple[int, float]:
+    if channel == "telegram":
+        path, body = WEBHOOK, json.dumps(update(n, 10_000 + n)).encode()
+        headers = {**HEADERS, "Content-Type": "application/json"}
+    else:
+        path, body = SLACK_EVENTS, json.dumps(slack_event(n, 10_000 + n)).encode()
+        ts = str(int(time.time()))
+        headers = {
+            "Content-Type": "application/json",
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": SLACK_SIGNER.generate_signature(timestamp=ts, body=body) or "",
+        }
+    started = time.perf_counter()  # signing is the sender's work, not the gateway's
+    async with http.post(base + path, data=body, headers=headers) as r:
         await r.read()
         return r.status, time.perf_counter() - started
 
 
-async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str, Any]:
+async def scenario(db: str, channel: str, name: str, rate: float, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tether-bench-inbound-") as d:
         tmp = Path(d)
         url = await fresh_database(db, tmp)
@@ -180,14 +228,14 @@ async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str,
             extra["TETHER_DEFAULT_AGENT"] = "stuck"
         async with (
             FakeTelegram(BOT_TOKEN) as fake,
-            serve(tmp, url, fake.base_url, **extra) as base,
+            FakeSlack(SLACK_TOKEN) as fake_slack,
+            serve(tmp, url, fake.base_url, fake_slack.base_url, **extra) as base,
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http,
         ):
             ids = iter(range(1, 10**9))
             # Warm up (connections, caches); in "busy" these occupy every worker slot.
             for _ in range(max(CONCURRENCY, 20)):
-                uid = next(ids)
-                status, _ = await _post(http, base, update(uid, 10_000 + uid))
+                status, _ = await _post(http, base, channel, next(ids))
                 assert status == 200, status
             if name == "busy":
                 deadline = time.monotonic() + 15
@@ -202,8 +250,7 @@ async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str,
                 delay = t0 + i / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                uid = next(ids)
-                tasks.append(asyncio.create_task(_post(http, base, update(uid, 10_000 + uid))))
+                tasks.append(asyncio.create_task(_post(http, base, channel, next(ids))))
             results = await asyncio.gather(*tasks)
             elapsed = time.perf_counter() - t0
             busy_after = await running_count(url) if name == "busy" else None
@@ -211,6 +258,7 @@ async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str,
     ok = sum(1 for s, _ in results if s == 200)
     return {
         "db": db,
+        "channel": channel,
         "scenario": name if busy_after is None else f"busy ({busy_after} running at end)",
         "requests": n,
         "ok": ok,
@@ -224,27 +272,30 @@ async def scenario(db: str, name: str, rate: float, seconds: float) -> dict[str,
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--channel", choices=["telegram", "slack", "both"], default="both")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    channels = ["telegram", "slack"] if args.channel == "both" else [args.channel]
     rows = []
     for db in dbs:
-        for name in ("idle", "busy"):
-            rows.append(await scenario(db, name, args.rate, args.seconds))
-            if db == "postgres":
-                await _pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
+        for channel in channels:
+            for name in ("idle", "busy"):
+                rows.append(await scenario(db, channel, name, args.rate, args.seconds))
+                if db == "postgres":
+                    await _pg_admin(f"DROP DATABASE IF EXISTS {PG_DB} WITH (FORCE)")
     header = (
-        f"{'database':<10} {'scenario':<26} {'requests':>8} {'200s':>6} {'rate/s':>8} "
-        f"{'ack p50 ms':>10} {'ack p99 ms':>10} {'ack max ms':>10}"
+        f"{'database':<10} {'channel':<9} {'scenario':<26} {'requests':>8} {'200s':>6} "
+        f"{'rate/s':>8} {'ack p50 ms':>10} {'ack p99 ms':>10} {'ack max ms':>10}"
     )
-    print(f"Telegram webhook, target {args.rate:g} req/s for {args.seconds:g} s")
+    print(f"Inbound acks, target {args.rate:g} req/s for {args.seconds:g} s")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['db']:<10} {r['scenario']:<26} {r['requests']:>8} {r['ok']:>6} "
-            f"{r['rate']:>8.1f} {r['p50']:>10.2f} {r['p99']:>10.2f} {r['max']:>10.2f}"
+            f"{r['db']:<10} {r['channel']:<9} {r['scenario']:<26} {r['requests']:>8} "
+            f"{r['ok']:>6} {r['rate']:>8.1f} {r['p50']:>10.2f} {r['p99']:>10.2f} {r['max']:>10.2f}"
         )
 
 
