@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ T = TypeVar("T")
 
 #: the most transactions the SQLite writer runs in one group commit
 MAX_GROUP = 64
+#: a pooled PostgreSQL connection idle longer than this is pinged before it is handed out
+PING_AFTER_IDLE = 1.0
 
 
 @dataclass(slots=True)
@@ -155,6 +158,29 @@ class Engines:
             await self.read.dispose()
 
 
+def _ping_when_idle(engine: sa.Engine, idle: float) -> None:
+    """Like ``pool_pre_ping``, but only for connections that sat in the pool for ``idle``
+    seconds: a busy worker reuses its connections within milliseconds, and a ping per
+    transaction would cost it a round trip per step. A connection that fails its ping is
+    replaced (the pool retries the checkout); one that breaks in use invalidates the pool."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < idle:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
+        if not alive:
+            raise sa.exc.DisconnectionError("stale pooled connection")
+
+
 def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> Engines:
     """Build the engines for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``)."""
     parsed = make_url(url)
@@ -174,9 +200,8 @@ def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-sqlite-writer")
         return Engines(url, "sqlite", write, read, sync_write, executor)
     if parsed.get_backend_name() == "postgresql":
-        engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-        )
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        _ping_when_idle(engine.sync_engine, PING_AFTER_IDLE)
         return Engines(url=url, dialect="postgresql", write=engine, read=engine)
     raise ValueError(f"unsupported database URL {parsed.render_as_string()!r}")
 

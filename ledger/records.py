@@ -36,6 +36,8 @@ class Claim:
     parent_id: str | None = None
     conversation_id: str | None = None
     control: str | None = None
+    #: the item's first claim ever, and not a restarted copy: it has no recorded steps
+    fresh: bool = False
 
 
 @dataclass(slots=True, frozen=True)

@@ -176,17 +176,28 @@ class StepQueries(LedgerBase):
 
     async def record_step(self, claim: Claim, write: StepWrite) -> None:
         """Record a finished step attempt (succeeded or failed) in one fenced statement."""
+        outcome = await self._record_one(claim, write)
+        if outcome is not None:
+            raise outcome
+
+    async def _record_one(self, claim: Claim, write: StepWrite) -> BaseException | None:
+        """One finished attempt, fenced inside its insert (no separate lease ``SELECT``);
+        returns what refused it (:class:`LeaseLost`, :class:`IllegalTransition`) or ``None``."""
         params = self._step_params(claim, write)
         stmt = self._record_finished
 
-        def tx(conn: Connection) -> None:
-            if conn.execute(stmt, params).first() is None:
+        def tx(conn: Connection) -> BaseException | None:
+            if conn.execute(stmt, params).first() is not None:
+                return None
+            try:
                 check_lease(conn, claim)
-                raise IllegalTransition(
-                    claim.work_id, "running", "step recorded", f"step {write.seq} exists"
-                )
+            except LeaseLost as lost:
+                return lost
+            return IllegalTransition(
+                claim.work_id, "running", "step recorded", f"step {write.seq} exists"
+            )
 
-        await self.engines.run_write(tx)
+        return await self.engines.run_write(tx)
 
     async def record_steps(
         self, batch: Sequence[tuple[Claim, StepWrite]]
@@ -198,6 +209,8 @@ class StepQueries(LedgerBase):
         succeeded. Other items' records commit regardless."""
         if not batch:
             return []
+        if len(batch) == 1:  # the common ``sync`` case: the lease check inside the insert
+            return [await self._record_one(*batch[0])]
         work_ids = sorted({claim.work_id for claim, _ in batch})
         stmt = self._record_batch
 

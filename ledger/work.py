@@ -28,6 +28,26 @@ from ledger.schema import Event, Step, Wait, Work, event_t, step_t, wait_t, work
 from ledger.states import TERMINAL, WorkState
 
 _TERMINAL_VALUES = [s.value for s in TERMINAL]
+#: the columns ``create_work`` writes
+_CREATE_COLUMNS = (
+    "id",
+    "agent",
+    "state",
+    "input",
+    "attempt",
+    "max_attempts",
+    "source",
+    "source_event_id",
+    "conversation_id",
+    "parent_id",
+    "priority",
+    "lease_epoch",
+    "not_before",
+    "state_reason",
+    "state_detail",
+    "created_at",
+    "updated_at",
+)
 
 
 def _utc(value: datetime) -> datetime:
@@ -36,6 +56,21 @@ def _utc(value: datetime) -> datetime:
 
 
 class WorkQueries(LedgerBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: claim statements built once per agent list (building one costs more than running it)
+        self._claim_statements: dict[tuple[str, ...] | None, Any] = {}
+        insert = self._insert(work_t).values(
+            {c: sa.bindparam(c, type_=W[c].type) for c in _CREATE_COLUMNS}
+        )
+        #: by "deduplicated on (source, source_event_id)"
+        self._create_statements = {
+            False: insert.returning(W.id),
+            True: insert.on_conflict_do_nothing(
+                index_elements=["source", "source_event_id"]
+            ).returning(W.id),
+        }
+
     # -- creating and reading ----------------------------------------------------------------
 
     async def create_work(
@@ -78,12 +113,10 @@ class WorkQueries(LedgerBase):
             "created_at": now,
             "updated_at": now,
         }
-        stmt = self._insert(work_t).values(row)
-        if source is not None:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["source", "source_event_id"])
+        stmt = self._create_statements[source is not None]
 
         def tx(conn: Connection) -> Any:
-            if conn.execute(stmt.returning(W.id)).first() is not None:
+            if conn.execute(stmt, row).first() is not None:
                 return None
             return conn.execute(
                 sa.select(work_t).where(W.source == source, W.source_event_id == source_event_id)
@@ -250,52 +283,22 @@ class WorkQueries(LedgerBase):
         if limit <= 0:
             return []
         now = utcnow()
-        pick = (
-            sa.select(W.id)
-            .where(
-                W.state == WorkState.QUEUED.value,
-                sa.or_(W.not_before.is_(None), W.not_before <= now),
-            )
-            .order_by(W.priority.desc(), W.created_at, W.id)
-            .limit(limit)
-        )
-        if agents is not None:
-            pick = pick.where(W.agent.in_(list(agents)))
-        pick = pick.where(sa.or_(W.conversation_id.is_(None), ~_conversation_busy()))
-        picked: Any = pick.scalar_subquery()
-        if self.dialect == "postgresql":
-            # A materialized CTE locks its rows once. As an ``IN (subquery)`` the planner may
-            # rescan the pick per row (a semi join), and each rescan skips the rows this very
-            # statement already updated and locks ``limit`` more: every queued row got claimed.
-            cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
-            picked = sa.select(cte.c.id)
-        stmt = (
-            sa.update(work_t)
-            .where(W.id.in_(picked), W.state == WorkState.QUEUED.value)
-            .values(
-                state=WorkState.RUNNING.value,
-                lease_owner=owner,
-                lease_epoch=W.lease_epoch + 1,
-                lease_expires_at=now + timedelta(seconds=lease_ttl),
-                last_heartbeat_at=now,
-                not_before=None,
-                state_reason="claimed",
-                state_detail={"worker": owner},
-                updated_at=now,
-            )
-            .returning(
-                W.id,
-                W.agent,
-                W.input,
-                W.attempt,
-                W.max_attempts,
-                W.lease_epoch,
-                W.parent_id,
-                W.conversation_id,
-                W.control,
-            )
-        )
-        rows = await self.engines.run_write(lambda conn: conn.execute(stmt).all())
+        key = None if agents is None else tuple(agents)
+        stmt = self._claim_statements.get(key)
+        if stmt is None:
+            if len(self._claim_statements) >= 64:  # agent lists come from a few pools
+                self._claim_statements.clear()
+            stmt = self._claim_statements[key] = _claim_statement(self.dialect, key)
+        params: dict[str, Any] = {
+            "owner": owner,
+            "now": now,
+            "expires": now + timedelta(seconds=lease_ttl),
+            "limit": limit,
+            "detail": {"worker": owner},
+        }
+        if key is not None:
+            params.update({f"agent_{i}": a for i, a in enumerate(key)})
+        rows = await self.engines.run_write(lambda conn: conn.execute(stmt, params).all())
         return [
             Claim(
                 work_id=r.id,
@@ -308,6 +311,7 @@ class WorkQueries(LedgerBase):
                 parent_id=r.parent_id,
                 conversation_id=r.conversation_id,
                 control=r.control,
+                fresh=r.lease_epoch == 1 and r.source != "restart",
             )
             for r in rows
         ]
@@ -487,6 +491,68 @@ class WorkQueries(LedgerBase):
         if reaped:
             self._fire(self._on_queued, "")
         return reaped
+
+
+def _claim_statement(dialect: str, agents: tuple[str, ...] | None) -> Any:
+    """``UPDATE work … RETURNING`` that leases up to ``:limit`` claimable items to ``:owner``.
+
+    Bound at execution: ``owner``, ``now``, ``expires``, ``limit``, ``detail`` and one
+    ``agent_<i>`` per agent (single parameters, not an expanding list: nothing is re-rendered
+    per call).
+    """
+    now = sa.bindparam("now", type_=W.updated_at.type)
+    pick = (
+        sa.select(W.id)
+        .where(
+            W.state == WorkState.QUEUED.value,
+            sa.or_(W.not_before.is_(None), W.not_before <= now),
+        )
+        .order_by(W.priority.desc(), W.created_at, W.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+    if agents is not None:
+        pick = pick.where(
+            W.agent.in_(
+                [sa.bindparam(f"agent_{i}", type_=W.agent.type) for i in range(len(agents))]
+            )
+            if agents
+            else sa.false()
+        )
+    pick = pick.where(sa.or_(W.conversation_id.is_(None), ~_conversation_busy()))
+    picked: Any = pick.scalar_subquery()
+    if dialect == "postgresql":
+        # A materialized CTE locks its rows once. As an ``IN (subquery)`` the planner may
+        # rescan the pick per row (a semi join), and each rescan skips the rows this very
+        # statement already updated and locks ``limit`` more: every queued row got claimed.
+        cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        picked = sa.select(cte.c.id)
+    return (
+        sa.update(work_t)
+        .where(W.id.in_(picked), W.state == WorkState.QUEUED.value)
+        .values(
+            state=WorkState.RUNNING.value,
+            lease_owner=sa.bindparam("owner", type_=W.lease_owner.type),
+            lease_epoch=W.lease_epoch + 1,
+            lease_expires_at=sa.bindparam("expires", type_=W.lease_expires_at.type),
+            last_heartbeat_at=now,
+            not_before=None,
+            state_reason="claimed",
+            state_detail=sa.bindparam("detail", type_=W.state_detail.type),
+            updated_at=now,
+        )
+        .returning(
+            W.id,
+            W.agent,
+            W.input,
+            W.attempt,
+            W.max_attempts,
+            W.lease_epoch,
+            W.parent_id,
+            W.conversation_id,
+            W.control,
+            W.source,
+        )
+    )
 
 
 def _conversation_busy() -> Any:

@@ -205,7 +205,7 @@ class WorkerPool:
         except UnknownAgent as exc:
             await self.ledger.fail_work(claim, error_info(exc))
             return
-        recorded = await self.ledger.load_steps(claim.work_id)
+        recorded = {} if claim.fresh else await self.ledger.load_steps(claim.work_id)
         ctx = Context(
             self.ledger,
             claim,
