@@ -5,9 +5,11 @@ Every finished step attempt of every work item this process runs goes through on
 (:meth:`ledger.Ledger.record_steps`), so several items committing at once pay for one commit,
 not one each, and nobody is told a record is durable before its transaction committed:
 
-* ``commit()`` (durability ``sync``): returns once the record is durable. With nothing queued
-  and nothing in flight it commits at once on the caller's task (no hand-off); otherwise it
-  joins the queue and the next transaction takes it along with everything else queued.
+* ``commit()`` (durability ``sync``): returns once the record is durable. When one item is
+  stepping alone (nothing queued, nothing in flight, and the last transaction held only this
+  item's records) it commits at once on the caller's task (no hand-off); otherwise it joins
+  the queue and the next transaction takes it along with everything else queued, so items
+  stepping at the same time keep sharing transactions.
 * ``submit()`` (durability ``batched``): queues the record and returns a future at once; the
   queue is committed at the latest ``max_delay`` seconds after its oldest record, or as soon
   as it holds ``max_records``, or when someone needs it now (``kick()``, a ``sync`` record).
@@ -60,6 +62,10 @@ class StepCommitter:
         self._urgent = 0
         self._first_at = 0.0
         self._busy = False
+        #: the work item of the last record committed when it was the only one in its
+        #: transaction, else None: a lone item commits on its own task; several items
+        #: stepping at once go through the queue and share transactions
+        self._last_work: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -70,7 +76,7 @@ class StepCommitter:
         """Make ``write`` durable before returning (``sync``). Raises what the ledger refused
         it with (:class:`ledger.LeaseLost`, :class:`ledger.IllegalTransition`) or the error
         of the transaction it was part of."""
-        if not self._busy and not self._queue:
+        if not self._busy and not self._queue and self._last_work == claim.work_id:
             self._busy = True
             try:
                 [outcome] = await self.ledger.record_steps([(claim, write)])
@@ -171,6 +177,8 @@ class StepCommitter:
                     q.future.set_exception(exc)
             return
         self._count(len(batch))
+        first = batch[0].claim.work_id
+        self._last_work = first if all(q.claim.work_id == first for q in batch) else None
         for q, outcome in zip(batch, outcomes, strict=True):
             if q.future.done():
                 continue
