@@ -200,7 +200,10 @@ def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-sqlite-writer")
         return Engines(url, "sqlite", write, read, sync_write, executor)
     if parsed.get_backend_name() == "postgresql":
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        # LIFO: the connections in use stay hot and skip the idle ping; the spare ones age
+        engine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=pool_size, pool_use_lifo=True
+        )
         _ping_when_idle(engine.sync_engine, PING_AFTER_IDLE)
         return Engines(url=url, dialect="postgresql", write=engine, read=engine)
     raise ValueError(f"unsupported database URL {parsed.render_as_string()!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -178,6 +179,10 @@ async def _run(parts: list[Callable[[], Awaitable[None]]], stops: list[Callable[
             s()
 
     _install_stop(stop)
+    # What start-up built (modules, aiogram's pydantic models: hundreds of thousands of objects)
+    # lives as long as the process: keep it out of the collector's full passes, which would
+    # otherwise walk all of it (over 100 ms here) in the middle of answering requests.
+    gc.freeze()
     tasks = [asyncio.create_task(p()) for p in parts]
     waiter = asyncio.create_task(stopped.wait())
     done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
