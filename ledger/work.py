@@ -451,6 +451,13 @@ class WorkQueries(LedgerBase):
 
         return await self.engines.run_write(tx)
 
+    async def next_lease_expiry(self) -> datetime | None:
+        """When the soonest lease of a running item runs out (``None``: nothing is running)."""
+        q = sa.select(sa.func.min(W.lease_expires_at)).where(W.state == WorkState.RUNNING.value)
+        async with self._read() as conn:
+            soonest = (await conn.execute(q)).scalar_one_or_none()
+        return None if soonest is None else _utc(soonest)
+
     async def reap_expired_leases(self, *, limit: int = 500) -> list[tuple[str, str]]:
         """Expired leases go back to ``queued`` with attempt + 1 (a ``lease_expired`` event),
         to ``failed`` when their attempts are spent, or to the paused/cancelled state an

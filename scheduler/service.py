@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -14,6 +15,9 @@ from scheduler.cron import DEFAULT_GRACE, CronSchedule, CronSchedules, ScheduleL
 from scheduler.timers import WaitTimers
 
 log = logging.getLogger(__name__)
+
+#: how long after the soonest lease's expiry the extra sweep runs (clock resolution, commit lag)
+EXPIRY_MARGIN = 0.02
 
 
 class SchedulerService:
@@ -51,6 +55,33 @@ class SchedulerService:
         for work_id, state in reaped:
             log.info("lease expired on work %s: now %s", work_id, state)
         self.reaped += len(reaped)
+        await self._sweep_at_next_expiry()
+
+    async def _sweep_at_next_expiry(self) -> None:
+        """Sweep again right when the soonest lease runs out, if that comes before the next
+        periodic sweep: a crashed worker's items are requeued at its lease's end, not up to
+        ``reaper_interval`` later. (Leases of live workers are renewed before then; that sweep
+        finds nothing and looks ahead again.)"""
+        if self._scheduler is None or self._stopping.is_set():
+            return
+        try:
+            soonest = await self.ledger.next_lease_expiry()
+        except Exception as exc:
+            log.debug("could not read the next lease expiry: %s", exc)
+            return
+        if soonest is None:
+            return
+        at = max(soonest, datetime.now(UTC)) + timedelta(seconds=EXPIRY_MARGIN)
+        if at - datetime.now(UTC) >= timedelta(seconds=self.reaper_interval):
+            return  # the periodic sweep comes first
+        self._scheduler.add_job(
+            self.reap_expired_leases,
+            "date",
+            run_date=at,
+            id="lease-reaper-next",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
 
     def stop(self) -> None:
         self._stopping.set()
