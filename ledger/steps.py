@@ -197,7 +197,7 @@ class StepQueries(LedgerBase):
                 claim.work_id, "running", "step recorded", f"step {write.seq} exists"
             )
 
-        return await self.engines.run_write(tx)
+        return await self.engines.run_single(tx)
 
     async def record_steps(
         self, batch: Sequence[tuple[Claim, StepWrite]]

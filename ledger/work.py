@@ -122,7 +122,7 @@ class WorkQueries(LedgerBase):
                 sa.select(work_t).where(W.source == source, W.source_event_id == source_event_id)
             ).one()
 
-        existing = await self.engines.run_write(tx)
+        existing = await self.engines.run_single(tx)
         if existing is None:
             self._fire(self._on_queued, agent)
             return Work(**row), True
@@ -298,7 +298,7 @@ class WorkQueries(LedgerBase):
         }
         if key is not None:
             params.update({f"agent_{i}": a for i, a in enumerate(key)})
-        rows = await self.engines.run_write(lambda conn: conn.execute(stmt, params).all())
+        rows = await self.engines.run_single(lambda conn: conn.execute(stmt, params).all())
         return [
             Claim(
                 work_id=r.id,
