@@ -99,6 +99,12 @@ def log_time(proc: TetherProcess, text: str) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def scalar(led: Ledger, query: Any) -> Any:
     async with led.engines.read.connect() as conn:
         return (await conn.execute(query)).scalar_one()
@@ -264,14 +270,18 @@ async def scaling_once(tmp: Path, workers: int, items: int) -> dict[str, Any]:
     url = await fresh_db()
     group = ProcessGroup(tmp / f"scaling-{workers}-{time.monotonic_ns()}")
     settings = {"agent_modules": "bench_agents", "default_agent": "bench_trivial3",
-                "lease_ttl": 30.0, "poll_interval": 1.0, "log_level": "WARNING"}  # fmt: skip
+                "lease_ttl": 30.0, "poll_interval": 1.0, "log_level": "INFO"}  # fmt: skip
     led = await Ledger.open(url)
     try:
         await _submit(led, items)
         spawned_at = time.time()
         procs = [group.worker(url, concurrency=8, **settings) for _ in range(workers)]
+        at_ready: dict[int, float] = {}  # CPU seconds each process had used when it was ready
 
         async def all_done() -> bool:
+            for p in procs:
+                if p.pid not in at_ready and " running " in p.log():
+                    at_ready[p.pid] = cpu_seconds(p.pid)
             counts = await led.count_by_state()
             if counts["failed"] or counts["cancelled"]:
                 raise RuntimeError(f"items failed: {counts}\n{group.tails()}")
@@ -281,6 +291,7 @@ async def scaling_once(tmp: Path, workers: int, items: int) -> dict[str, Any]:
         done_at = time.time()
         for p in procs:
             assert p.alive, p.tail()
+        busy = sum(cpu_seconds(p.pid) - at_ready.get(p.pid, 0.0) for p in procs)
         async with led.engines.read.connect() as conn:
             claims = (
                 await conn.execute(
@@ -301,6 +312,7 @@ async def scaling_once(tmp: Path, workers: int, items: int) -> dict[str, Any]:
             "wall": items / (done_at - spawned_at),
             "startup": first_claim - spawned_at,
             "share": sorted(owners.values(), reverse=True),
+            "cpu_ms": busy / items * 1000,
         }
     finally:
         await led.close()
@@ -315,7 +327,7 @@ async def scaling(args: argparse.Namespace, tmp: Path) -> None:
             print(
                 f"  scaling {n} worker(s) run {r + 1}: {res['processing']:.1f} items/s "
                 f"processing, {res['wall']:.1f} wall, first claim after {res['startup']:.2f}s, "
-                f"claims per worker {res['share']}",
+                f"claims per worker {res['share']}, worker CPU {res['cpu_ms']:.1f} ms/item",
                 file=sys.stderr,
                 flush=True,
             )
@@ -335,6 +347,7 @@ async def scaling(args: argparse.Namespace, tmp: Path) -> None:
                 f"{p / base:.2f}x",
                 f"{statistics.median(x['wall'] for x in runs):,.0f}",
                 f"{statistics.median(x['startup'] for x in runs):.1f}",
+                f"{statistics.median(x['cpu_ms'] for x in runs):.1f}",
                 "/".join(str(s) for s in runs[len(runs) // 2]["share"]),
             )
         )
@@ -345,10 +358,13 @@ async def scaling(args: argparse.Namespace, tmp: Path) -> None:
     )
     table(
         ("workers", "slots", "items/s (processing)", "min-max", f"vs {args.workers[0]}",
-         "items/s (wall, incl. start-up)", "first claim after s", "claims per worker"),
+         "items/s (wall, incl. start-up)", "first claim after s",
+         "worker CPU ms/item", "claims per worker"),
         rows,
     )  # fmt: skip
-    print(f"(median of {args.runs} runs; processing = first claim to last success)")
+    print(f"(median of {args.runs} runs; processing = first claim to last success; worker CPU = "
+          "user+system CPU of all worker processes from their ready line to the end, "
+          "per item)")  # fmt: skip
 
 
 async def main() -> None:
