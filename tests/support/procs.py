@@ -175,6 +175,9 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[TetherProcess] = []
 
+    #: the ``python -c`` script that runs the role (a subclass may bring its own)
+    launcher: str = _LAUNCHER
+
     def start(self, role: str, database_url: str, *args: str, **settings: Any) -> TetherProcess:
         """Start ``tether <role> <args>`` with :func:`tether_env` ``(database_url, **settings)``."""
         name = f"{role}-{sum(p.role == role for p in self.processes) + 1}"
@@ -182,7 +185,7 @@ class ProcessGroup:
         log_file = open(log_path, "wb")  # noqa: SIM115 -- closed when the process is reaped
         spawned_at = time.time()
         popen = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, role, *args],
+            [sys.executable, "-c", self.launcher, role, *args],
             env=tether_env(database_url, **settings),
             cwd=self.log_dir,
             stdin=subprocess.DEVNULL,

@@ -321,23 +321,7 @@ class ScaleProcessGroup(ProcessGroup):
     """:class:`procs.ProcessGroup` with the launcher above; everything else is inherited
     (logs per process, ``cleanup`` reaps them all)."""
 
-    def start(self, role: str, database_url: str, *args: str, **settings: Any) -> TetherProcess:
-        name = f"{role}-{sum(p.role == role for p in self.processes) + 1}"
-        log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "wb")  # noqa: SIM115 -- closed when the process is reaped
-        spawned_at = time.time()
-        popen = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, role, *args],
-            env=tether_env(database_url, **settings),
-            cwd=self.log_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proc = TetherProcess(name, role, popen, log_path, log_file, spawned_at)
-        self.processes.append(proc)
-        return proc
+    launcher = _LAUNCHER
 
 
 def is_ready(proc: TetherProcess) -> bool:
