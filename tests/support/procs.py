@@ -27,7 +27,7 @@ REPO_ROOT = SUPPORT_DIR.parents[1]
 
 #: Runs ``tether.cli`` like ``python -m tether.cli ...`` after arming the parent-death signal.
 #: The check of the parent pid closes the race where the parent died before ``prctl``.
-_LAUNCHER = """\
+LAUNCHER_GUARD = """\
 import ctypes, os, runpy, signal, sys
 try:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -35,9 +35,12 @@ except (OSError, AttributeError):
     pass
 if os.getppid() != int(os.environ["TETHER_TEST_PARENT_PID"]):
     sys.exit(70)
+"""
+LAUNCHER_RUN = """\
 sys.argv = ["tether", *sys.argv[1:]]
 runpy.run_module("tether.cli", run_name="__main__", alter_sys=True)
 """
+_LAUNCHER = LAUNCHER_GUARD + LAUNCHER_RUN
 
 READY_LINES = {
     "worker": " running ",  # "worker <id> running N slot(s) for agents ..."

@@ -67,7 +67,14 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from pg_cluster import PgCluster, free_port, reap_orphans
-from procs import SUPPORT_DIR, ProcessGroup, TetherProcess, tether_env
+from procs import (
+    LAUNCHER_GUARD,
+    LAUNCHER_RUN,
+    SUPPORT_DIR,
+    ProcessGroup,
+    TetherProcess,
+    tether_env,
+)
 from scale_agents import SIGNAL, expected_replies
 
 sys.path.insert(0, str(SUPPORT_DIR.parent / "fakes"))
@@ -291,14 +298,9 @@ class RecordingSlack(FakeSlack):
 # == processes ====================================================================================
 
 #: ``procs._LAUNCHER`` plus the delivery-claim knob (see the module docstring)
-_LAUNCHER = """\
-import ctypes, os, runpy, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != int(os.environ["TETHER_TEST_PARENT_PID"]):
-    sys.exit(70)
+_LAUNCHER = (
+    LAUNCHER_GUARD
+    + """\
 _lease = float(os.environ.get("SCALE_DELIVERY_LEASE") or 0)
 if _lease > 0 and sys.argv[1:2] == ["gateway"]:
     import tether.roles as _roles
@@ -312,9 +314,9 @@ if _lease > 0 and sys.argv[1:2] == ["gateway"]:
 
     _roles._delivery_loop = _delivery_loop
     print(f"scale: outbox delivery claims last {_lease:g}s", flush=True)
-sys.argv = ["tether", *sys.argv[1:]]
-runpy.run_module("tether.cli", run_name="__main__", alter_sys=True)
 """
+    + LAUNCHER_RUN
+)
 
 
 class ScaleProcessGroup(ProcessGroup):
