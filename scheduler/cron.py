@@ -116,6 +116,7 @@ class CronSchedules:
         self.created = 0
         self.duplicates = 0
         self.skipped = 0
+        self._stopped = False
 
     async def start(self) -> None:
         # Fire times missed within the grace period (this process was down) still run.
@@ -147,6 +148,8 @@ class CronSchedules:
         state = self._state[name]
         schedule = state.schedule
         async with state.lock:
+            if self._stopped:
+                return
             now = utcnow()
             floor = now - timedelta(seconds=self.grace)
             if state.cursor < floor:
@@ -163,6 +166,8 @@ class CronSchedules:
                     self.skipped += 1
                 state.cursor = floor
             for fire_time in schedule.fire_times(state.cursor, now):
+                if self._stopped:
+                    return
                 key = run_key(fire_time)
                 try:
                     work, created = await self.ledger.create_work(
@@ -196,6 +201,14 @@ class CronSchedules:
                 else:
                     self.duplicates += 1
                     log.debug("schedule %s: run for %s already started: %s", name, key, work.id)
+
+    async def stop(self) -> None:
+        """Start no more runs, and wait for a start in flight to finish, so that a run the
+        ledger created is also counted and logged (APScheduler's shutdown would cancel it)."""
+        self._stopped = True
+        for state in self._state.values():
+            async with state.lock:
+                pass
 
     def _retry(self, name: str, now: datetime) -> None:
         self.scheduler.add_job(

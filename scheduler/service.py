@@ -4,6 +4,7 @@ cron schedules."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 #: how long after the soonest lease's expiry the extra sweep runs (clock resolution, commit lag)
 EXPIRY_MARGIN = 0.02
+#: seconds a stopping scheduler waits for a cron start in flight (the database may be away)
+STOP_TIMEOUT = 5.0
 
 
 class SchedulerService:
@@ -116,6 +119,9 @@ class SchedulerService:
         try:
             await self._stopping.wait()
         finally:
+            if self.cron is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.cron.stop(), STOP_TIMEOUT)
             self._scheduler.shutdown(wait=False)
             await self.timers.stop()
             log.info("scheduler stopped")

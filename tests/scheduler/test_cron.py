@@ -177,3 +177,35 @@ def test_fire_times_follow_the_schedule_time_zone() -> None:
     )
     assert summer == []  # 08:30 CEST is 06:30 UTC: already past
     assert schedule.source == "schedule:b"
+
+
+async def test_stopping_lets_a_start_in_flight_finish(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop arrives while a run is being created: the run is created, counted and logged, not
+    cancelled halfway (committed in the ledger, unknown to the scheduler that made it)."""
+    create = ledger.create_work
+    armed = False
+    in_flight = asyncio.Event()
+
+    async def slow(*args: object, **kwargs: object) -> object:
+        made = await create(*args, **kwargs)  # type: ignore[arg-type]
+        if armed:  # a start by the APScheduler job, not the catch-up at start-up:
+            in_flight.set()  # committed, and the answer is on its way back
+            await asyncio.sleep(0.3)
+        return made
+
+    monkeypatch.setattr(ledger, "create_work", slow)
+    service = SchedulerService(
+        ledger, reaper_interval=5.0, schedules=[every_second("slow")], schedule_grace=1.0
+    )
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(0.5)  # the catch-up is done
+    armed = True
+    await asyncio.wait_for(in_flight.wait(), 5)
+    service.stop()
+    await task
+    runs = await scheduled_runs(ledger, "slow")
+    assert service.cron is not None
+    assert len(runs) >= 1
+    assert service.cron.created == len(runs)
