@@ -533,9 +533,15 @@ def _claim_statement(dialect: str, agents: tuple[str, ...] | None) -> Any:
         # statement already updated and locks ``limit`` more: every queued row got claimed.
         cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
         picked = sa.select(cte.c.id)
+        # A row picked and locked may have changed state meanwhile: check it again.
+        where = [W.id.in_(picked), W.state == WorkState.QUEUED.value]
+    else:
+        # One statement under the write lock: the pick is current. (A ``state`` condition
+        # here made SQLite walk every queued row through ``ix_work_updated`` per claim.)
+        where = [W.id.in_(picked)]
     return (
         sa.update(work_t)
-        .where(W.id.in_(picked), W.state == WorkState.QUEUED.value)
+        .where(*where)
         .values(
             state=WorkState.RUNNING.value,
             lease_owner=sa.bindparam("owner", type_=W.lease_owner.type),
