@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase, W, check_lease
 from ledger.errors import IllegalTransition, LedgerError
+from ledger.prepared import Prepared
 from ledger.records import Claim, StepWrite, new_id, utcnow
 from ledger.schema import Outbox, conversation_t, event_t, inbox_t, outbox_t, wait_t, work_t
 from ledger.states import WorkState
@@ -113,7 +114,7 @@ class _AcceptStatements:
     message is the gateway's hot path, and building and keying SQLAlchemy statements anew for
     every message cost more CPU than the database's own work."""
 
-    def __init__(self, dialect: str, insert: Any) -> None:
+    def __init__(self, dialect: sa.Dialect, insert: Any) -> None:
         bp = sa.bindparam
         conv = insert(conversation_t).values(
             id=bp("new_conversation_id"),
@@ -125,11 +126,14 @@ class _AcceptStatements:
         )
         # Touching the row on conflict returns its id in the same statement, and on
         # PostgreSQL locks it: one message of a conversation at a time decides what happens.
-        self.conversation = conv.on_conflict_do_update(
-            index_elements=["channel", "chat_id", "thread_id"],
-            set_={"updated_at": conv.excluded.updated_at},
-        ).returning(C.id)
-        self.inbox = (
+        self.conversation = Prepared(
+            conv.on_conflict_do_update(
+                index_elements=["channel", "chat_id", "thread_id"],
+                set_={"updated_at": conv.excluded.updated_at},
+            ).returning(C.id),
+            dialect,
+        )
+        inbox = (
             insert(inbox_t)
             .values(
                 conversation_id=bp("conv"),
@@ -144,13 +148,15 @@ class _AcceptStatements:
             .on_conflict_do_nothing(index_elements=["channel", "source_event_id"])
             .returning(I.id)
         )
+        self.inbox = Prepared(inbox, dialect)
         self.duplicate = sa.select(inbox_t).where(
             I.channel == bp("channel"), I.source_event_id == bp("message_id")
         )
-        self.settle = (
+        self.settle = Prepared(
             sa.update(inbox_t)
             .where(I.id == bp("inbox_id"))
-            .values(disposition=bp("disposition"), work_id=bp("work_id"), wait_id=bp("wait_id"))
+            .values(disposition=bp("disposition"), work_id=bp("work_id"), wait_id=bp("wait_id")),
+            dialect,
         )
         wait = (
             sa.select(wait_t)
@@ -163,16 +169,20 @@ class _AcceptStatements:
             .order_by(wait_t.c.created_at)
             .limit(1)
         )
-        self.input_wait = wait.with_for_update() if dialect == "postgresql" else wait
-        self.active = (
+        self.input_wait = Prepared(
+            wait.with_for_update() if dialect.name == "postgresql" else wait, dialect
+        )
+        self.active = Prepared(
             sa.select(W.id, W.state, W.not_before, W.input)
             .where(
                 W.conversation_id == bp("conv"),
-                W.state.in_([WorkState.RUNNING.value, WorkState.QUEUED.value]),
+                # two plain parameters: an IN list would be re-rendered per message
+                sa.or_(W.state == WorkState.RUNNING.value, W.state == WorkState.QUEUED.value),
             )
-            .order_by(W.created_at.desc())
+            .order_by(W.created_at.desc()),
+            dialect,
         )
-        self.work = sa.insert(work_t).values(
+        work = sa.insert(work_t).values(
             id=bp("work_id"),
             agent=bp("agent"),
             state=WorkState.QUEUED.value,
@@ -190,17 +200,18 @@ class _AcceptStatements:
             created_at=bp("now"),
             updated_at=bp("now"),
         )
+        self.work = Prepared(work, dialect)
 
 
 class ConversationQueries(LedgerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._accept = _AcceptStatements(self.dialect, self._insert)
+        self._accept = _AcceptStatements(self.engines.write_dialect, self._insert)
 
     def _conversation(self, conn: Connection, channel: str, chat_id: str, thread_id: str) -> str:
         """The conversation's id, created on first use (and its ``updated_at`` touched)."""
-        return conn.execute(
-            self._accept.conversation,
+        return self._accept.conversation.scalar(
+            conn,
             {
                 "new_conversation_id": new_id(),
                 "channel": channel,
@@ -208,7 +219,7 @@ class ConversationQueries(LedgerBase):
                 "thread_id": thread_id,
                 "now": utcnow(),
             },
-        ).scalar_one()
+        )
 
     async def accept_message(
         self,
@@ -234,8 +245,8 @@ class ConversationQueries(LedgerBase):
         def tx(conn: Connection) -> tuple[Accepted, bool]:
             now = utcnow()
             conv = self._conversation(conn, channel, chat_id, thread_id)
-            inserted = conn.execute(
-                st.inbox,
+            inserted = st.inbox.first(
+                conn,
                 {
                     "conv": conv,
                     "channel": channel,
@@ -245,7 +256,7 @@ class ConversationQueries(LedgerBase):
                     "payload": payload,
                     "now": now,
                 },
-            ).first()
+            )
             if inserted is None:
                 row = conn.execute(
                     st.duplicate, {"channel": channel, "message_id": message_id}
@@ -255,8 +266,8 @@ class ConversationQueries(LedgerBase):
             inbox_id = inserted.id
 
             def settle(disposition: str, work_id: str | None, wait_id: str | None = None) -> Any:
-                conn.execute(
-                    st.settle,
+                st.settle.run(
+                    conn,
                     {
                         "inbox_id": inbox_id,
                         "disposition": disposition,
@@ -267,7 +278,7 @@ class ConversationQueries(LedgerBase):
                 return Accepted(conv, inbox_id, disposition, work_id, wait_id, False)
 
             # 1. the conversation's work waits for input: this message is the answer
-            wait = conn.execute(st.input_wait, {"conv": conv}).first()
+            wait = st.input_wait.first(conn, {"conv": conv})
             if wait is not None:
                 ok, value, hint = parse_reply(text, wait.payload_schema)
                 if not ok:
@@ -277,7 +288,7 @@ class ConversationQueries(LedgerBase):
                 return settle("resolved_wait", wait.work_id, wait.id), True
 
             # 2. busy: an item of this conversation runs or is queued
-            active = conn.execute(st.active, {"conv": conv}).all()
+            active = st.active.run(conn, {"conv": conv})
             message = {
                 "text": text,
                 "sender": sender,
@@ -317,8 +328,8 @@ class ConversationQueries(LedgerBase):
                     )
                 )
             work_id = new_id()
-            conn.execute(
-                st.work,
+            st.work.run(
+                conn,
                 {
                     "work_id": work_id,
                     "agent": agent,

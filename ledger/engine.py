@@ -87,6 +87,11 @@ class Engines:
     #: SQLite group commits so far: (transactions committed, groups); for benchmarks
     groups: list[int] = field(default_factory=lambda: [0, 0], repr=False)
 
+    @property
+    def write_dialect(self) -> sa.Dialect:
+        """The dialect the ledger's write transactions run with."""
+        return (self.sync_write or self.write).dialect
+
     async def run_write(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
         """Run ``fn(connection, *args)`` in a write transaction; return once it committed.
         If ``fn`` raises, nothing it wrote is kept and the exception is raised here. On SQLite,
