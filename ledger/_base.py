@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from ledger import _postgres
 from ledger.engine import Engines, create_engines
 from ledger.errors import LeaseLost, LedgerUnavailable
+from ledger.prepared import Prepared
 from ledger.records import Claim
 from ledger.schema import wait_t, work_t, worker_t
 from ledger.states import WorkState
@@ -119,9 +120,17 @@ class LedgerBase:
         return sa.func.max(a, b) if self.dialect == "sqlite" else sa.func.greatest(a, b)
 
 
+_LEASE = Prepared(sa.select(W.state, W.lease_epoch).where(W.id == sa.bindparam("work_id")))
+_CLOSE_WAITS = Prepared(
+    sa.update(wait_t)
+    .where(wait_t.c.work_id == sa.bindparam("of_work"), wait_t.c.state == "pending")
+    .values(state="cancelled", resolved_at=sa.bindparam("now"), resolved_by="system")
+)
+
+
 def check_lease(conn: Connection, claim: Claim) -> None:
     """Raise :class:`LeaseLost` unless ``claim`` still holds its item's lease."""
-    row = conn.execute(sa.select(W.state, W.lease_epoch).where(W.id == claim.work_id)).first()
+    row = _LEASE.first(conn, {"work_id": claim.work_id})
     if row is None or row.lease_epoch != claim.epoch or row.state != WorkState.RUNNING.value:
         raise LeaseLost(claim.work_id, claim.epoch)
 
@@ -173,11 +182,7 @@ def wake_joined_parent(conn: Connection, parent_id: str | None, child_id: str, n
 
 def close_open_waits(conn: Connection, work_id: str, now: Any) -> None:
     """A finished work item's pending waits (e.g. an unused resume URL) are cancelled."""
-    conn.execute(
-        sa.update(wait_t)
-        .where(wait_t.c.work_id == work_id, wait_t.c.state == "pending")
-        .values(state="cancelled", resolved_at=now, resolved_by="system")
-    )
+    _CLOSE_WAITS.run(conn, {"of_work": work_id, "now": now})
 
 
 def error_summary(error: dict[str, Any]) -> str:

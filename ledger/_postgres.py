@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 WORK_CHANNEL = "tether_work"
 #: Channel that tells the owning worker of a pause or cancel request (payload: work id).
 CONTROL_CHANNEL = "tether_control"
+#: seconds :meth:`Listener.start` waits for its first connection
+FIRST_CONNECT_WAIT = 5.0
 #: Channel that tells schedulers a wait with a deadline was opened (payload: wait id).
 WAIT_CHANNEL = "tether_wait"
 
@@ -113,9 +115,16 @@ class Listener:
         self._handlers = handlers
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._first_attempt = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, wait: float = FIRST_CONNECT_WAIT) -> None:
+        """Start listening; return once the first connection attempt is over (``LISTEN`` is
+        active, or it failed and retries in the background), or after ``wait`` seconds. So a
+        worker that starts claiming right after is already told of what happens next (a lease
+        renewal woken by the catch-up of a late connection raced a test's expired lease)."""
         self._task = asyncio.create_task(self._run(), name="tether-pg-listen")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_attempt.wait(), wait)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -140,11 +149,13 @@ class Listener:
                 # A missed notification during reconnect is covered by the caller's poll.
                 for handler in self._handlers.values():
                     handler("")
+                self._first_attempt.set()
                 await lost.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: retry, callers poll meanwhile
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+                self._first_attempt.set()
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):

@@ -109,6 +109,24 @@ def parse_reply(text: str, schema: Any) -> tuple[bool, Any, str]:
     return False, None, _schema_hint(schema)
 
 
+_CHANNEL = Prepared(sa.select(C.channel).where(C.id == sa.bindparam("conv")))
+_OUTBOX = Prepared(
+    sa.insert(outbox_t)
+    .values(
+        work_id=sa.bindparam("work_id"),
+        step_seq=sa.bindparam("step_seq"),
+        conversation_id=sa.bindparam("conv"),
+        channel=sa.bindparam("channel"),
+        payload=sa.bindparam("payload", type_=outbox_t.c.payload.type),
+        state=sa.bindparam("state"),
+        attempts=0,
+        created_at=sa.bindparam("now"),
+        sent_at=sa.bindparam("sent_at", type_=outbox_t.c.sent_at.type),
+    )
+    .returning(O.id)
+)
+
+
 class _AcceptStatements:
     """The statements of :meth:`ConversationQueries.accept_message`, built once: taking a
     message is the gateway's hot path, and building and keying SQLAlchemy statements anew for
@@ -367,21 +385,19 @@ class ConversationQueries(LedgerBase):
     ) -> int:
         """An outbound message. The HTTP channel is read by its clients, so it counts as sent."""
         now = utcnow()
-        return conn.execute(
-            sa.insert(outbox_t)
-            .values(
-                work_id=work_id,
-                step_seq=step_seq,
-                conversation_id=conversation_id,
-                channel=channel,
-                payload={"text": text, **(extra or {})},
-                state="sent" if channel == "http" else "pending",
-                attempts=0,
-                created_at=now,
-                sent_at=now if channel == "http" else None,
-            )
-            .returning(O.id)
-        ).scalar_one()
+        return _OUTBOX.scalar(
+            conn,
+            {
+                "work_id": work_id,
+                "step_seq": step_seq,
+                "conv": conversation_id,
+                "channel": channel,
+                "payload": {"text": text, **(extra or {})},
+                "state": "sent" if channel == "http" else "pending",
+                "now": now,
+                "sent_at": now if channel == "http" else None,
+            },
+        )
 
     async def record_reply(
         self, claim: Claim, seq: int, name: str, text: str, extra: dict[str, Any] | None = None
@@ -397,9 +413,7 @@ class ConversationQueries(LedgerBase):
             now = utcnow()
             outbox_id = None
             if claim.conversation_id is not None:  # work started by the API has nobody to tell
-                channel = conn.execute(
-                    sa.select(C.channel).where(C.id == claim.conversation_id)
-                ).scalar_one()
+                channel = _CHANNEL.scalar(conn, {"conv": claim.conversation_id})
                 outbox_id = self._outbox(
                     conn, claim.conversation_id, channel, claim.work_id, text, step_seq=seq,
                     extra=extra,
@@ -414,7 +428,7 @@ class ConversationQueries(LedgerBase):
                 output={"outbox_id": outbox_id, "text": text},
                 finished_at=now,
             )
-            if conn.execute(record, params_for(claim, write)).first() is None:
+            if record.first(conn, params_for(claim, write)) is None:
                 check_lease(conn, claim)
             return outbox_id
 

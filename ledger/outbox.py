@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase
+from ledger.prepared import Prepared, PreparedCache
 from ledger.records import utcnow
 from ledger.schema import conversation_t, outbox_t
 
@@ -56,13 +58,75 @@ def _older_blocking() -> Any:
         .where(
             other.c.conversation_id == O.conversation_id,
             other.c.id < O.id,
-            other.c.state.in_(BLOCKING_STATES),
+            sa.or_(*(other.c.state == s for s in BLOCKING_STATES)),  # no per-call IN list
         )
         .correlate(outbox_t)
     )
 
 
+def _outbox_claim_statement(dialect: str, channels: tuple[str, ...] | None) -> Prepared:
+    """``UPDATE outbox … RETURNING id`` that claims up to ``:limit`` due rows (see
+    :meth:`OutboxQueries.claim_outbox`). Bound: ``now``, ``limit``, ``due`` and one
+    ``channel_<i>`` per channel."""
+    now = sa.bindparam("now", type_=O.next_attempt_at.type)
+    pick = (
+        sa.select(O.id)
+        .where(
+            O.state == "pending",
+            sa.or_(O.next_attempt_at.is_(None), O.next_attempt_at <= now),
+            sa.or_(O.conversation_id.is_(None), ~_older_blocking()),
+        )
+        .order_by(O.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+    )
+    if channels is not None:
+        pick = pick.where(
+            sa.or_(*(O.channel == sa.bindparam(f"channel_{i}") for i in range(len(channels))))
+        )
+    picked: Any = pick.scalar_subquery()
+    where = [O.id.in_(picked)]
+    if dialect == "postgresql":
+        # materialized: the pick is locked once, not rescanned per updated row (see
+        # ``claim_work``); a row picked and locked may have changed meanwhile: check again
+        cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        where = [O.id.in_(sa.select(cte.c.id)), O.state == "pending"]
+    return Prepared(
+        sa.update(outbox_t)
+        .where(*where)
+        .values(
+            state="sending",
+            attempts=O.attempts + 1,
+            next_attempt_at=sa.bindparam("due", type_=O.next_attempt_at.type),
+        )
+        .returning(O.id)
+    )
+
+
+def _finish_statement(key: tuple[tuple[str, ...], bool]) -> Prepared:
+    """``sending`` → the columns ``key[0]`` (bound as ``v_<column>``) of row ``p_id``, and
+    only while its attempt is ``p_attempt`` if ``key[1]``."""
+    columns, by_attempt = key
+    cond = [O.id == sa.bindparam("p_id"), O.state == "sending"]
+    if by_attempt:
+        cond.append(O.attempts == sa.bindparam("p_attempt"))
+    sets = {k: sa.bindparam(f"v_{k}", type_=outbox_t.c[k].type) for k in columns}
+    return Prepared(sa.update(outbox_t).where(*cond).values(**sets).returning(O.id))
+
+
+#: a claimed row with its conversation's address
+_CLAIMED_ROW = Prepared(
+    sa.select(outbox_t, C.chat_id, C.thread_id)
+    .select_from(outbox_t.outerjoin(conversation_t, C.id == O.conversation_id))
+    .where(O.id == sa.bindparam("outbox_id"))
+)
+
+
 class OutboxQueries(LedgerBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._outbox_claims = PreparedCache(partial(_outbox_claim_statement, self.dialect))
+        self._finishes = PreparedCache(_finish_statement)
+
     async def claim_outbox(
         self,
         owner: str,
@@ -78,39 +142,21 @@ class OutboxQueries(LedgerBase):
         if limit <= 0 or (channels is not None and not channels):
             return []
         now = utcnow()
-        pick = (
-            sa.select(O.id)
-            .where(
-                O.state == "pending",
-                sa.or_(O.next_attempt_at.is_(None), O.next_attempt_at <= now),
-                sa.or_(O.conversation_id.is_(None), ~_older_blocking()),
-            )
-            .order_by(O.id)
-            .limit(limit)
-        )
-        if channels is not None:
-            pick = pick.where(O.channel.in_(list(channels)))
-        picked: Any = pick.scalar_subquery()
-        if self.dialect == "postgresql":
-            # materialized: the pick is locked once, not rescanned per updated row (see
-            # ``claim_work``)
-            cte = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
-            picked = sa.select(cte.c.id)
-        stmt = (
-            sa.update(outbox_t)
-            .where(O.id.in_(picked), O.state == "pending")
-            .values(
-                state="sending",
-                attempts=O.attempts + 1,
-                next_attempt_at=now + timedelta(seconds=lease_ttl),
-            )
-            .returning(O.id)
-        )
+        key = None if channels is None else tuple(channels)
+        stmt = self._outbox_claims.get(key)
+        params: dict[str, Any] = {
+            "now": now,
+            "limit": limit,
+            "due": now + timedelta(seconds=lease_ttl),
+            **{f"channel_{i}": c for i, c in enumerate(key or ())},
+        }
 
         def tx(conn: Connection) -> list[Any]:
-            ids = [r.id for r in conn.execute(stmt).all()]
+            ids = [r.id for r in stmt.run(conn, params)]
             if not ids:
                 return []
+            if len(ids) == 1:
+                return _CLAIMED_ROW.run(conn, {"outbox_id": ids[0]})
             q = (
                 sa.select(outbox_t, C.chat_id, C.thread_id)
                 .select_from(outbox_t.outerjoin(conversation_t, C.id == O.conversation_id))
@@ -143,11 +189,13 @@ class OutboxQueries(LedgerBase):
     async def _finish_sending(
         self, outbox_id: int, attempt: int | None, values: dict[str, Any]
     ) -> bool:
-        cond = [O.id == outbox_id, O.state == "sending"]
-        if attempt is not None:
-            cond.append(O.attempts == attempt)
-        stmt = sa.update(outbox_t).where(*cond).values(**values).returning(O.id)
-        row = await self.engines.run_write(lambda conn: conn.execute(stmt).first())
+        stmt = self._finishes.get((tuple(values), attempt is not None))
+        params = {
+            "p_id": outbox_id,
+            "p_attempt": attempt,
+            **{f"v_{k}": v for k, v in values.items()},
+        }
+        row = await self.engines.run_write(lambda conn: stmt.first(conn, params))
         return row is not None
 
     async def mark_outbox_sent(

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 
 from ledger._base import LedgerBase, W, check_lease
 from ledger.errors import IllegalTransition, LeaseLost
+from ledger.prepared import Prepared
 from ledger.records import Claim, StepRecord, StepWrite, utcnow
 from ledger.schema import JSONType, step_t
 from ledger.states import WorkState
@@ -137,7 +138,9 @@ def fenced_step_upsert(dialect: str, *, finishing: bool) -> Any:
 class StepQueries(LedgerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._record_finished = fenced_step_upsert(self.dialect, finishing=True)
+        self._record_finished = Prepared(
+            fenced_step_upsert(self.dialect, finishing=True), self.engines.write_dialect
+        )
         self._record_running = fenced_step_upsert(self.dialect, finishing=False)
         self._record_batch = batch_step_upsert(self.dialect)
 
@@ -187,7 +190,7 @@ class StepQueries(LedgerBase):
         stmt = self._record_finished
 
         def tx(conn: Connection) -> BaseException | None:
-            if conn.execute(stmt, params).first() is not None:
+            if stmt.first(conn, params) is not None:
                 return None
             try:
                 check_lease(conn, claim)

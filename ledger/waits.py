@@ -195,7 +195,7 @@ class WaitQueries(LedgerBase):
                         finished_at=now,
                     ),
                 )
-                if conn.execute(record, params).first() is None:
+                if record.first(conn, params) is None:
                     check_lease(conn, claim)
                 return outcome
             values = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,12 +23,33 @@ from ledger._base import (
     fenced_transition,
     wake_joined_parent,
 )
-from ledger.errors import IllegalTransition, WorkNotFound
+from ledger.errors import IllegalTransition, LeaseLost, WorkNotFound
+from ledger.prepared import Prepared, PreparedCache
 from ledger.records import Claim, new_id, utcnow
 from ledger.schema import Event, Step, Wait, Work, event_t, step_t, wait_t, work_t, worker_t
 from ledger.states import TERMINAL, WorkState
 
 _TERMINAL_VALUES = [s.value for s in TERMINAL]
+#: :func:`fenced_transition` to ``succeeded``, built once: every finished item takes it
+_COMPLETE = Prepared(
+    sa.update(work_t)
+    .where(
+        W.id == sa.bindparam("work_id"),
+        W.lease_epoch == sa.bindparam("epoch"),
+        W.state == WorkState.RUNNING.value,
+    )
+    .values(
+        state=WorkState.SUCCEEDED.value,
+        state_reason="succeeded",
+        updated_at=sa.bindparam("now"),
+        result=sa.bindparam("result", type_=W.result.type),
+        finished_at=sa.bindparam("now"),
+        control=None,
+        state_detail=None,
+        **RELEASE,
+    )
+    .returning(W.id)
+)
 #: the columns ``create_work`` writes
 _CREATE_COLUMNS = (
     "id",
@@ -59,7 +81,7 @@ class WorkQueries(LedgerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: claim statements built once per agent list (building one costs more than running it)
-        self._claim_statements: dict[tuple[str, ...] | None, Any] = {}
+        self._claim_statements = PreparedCache(partial(_claim_statement, self.dialect))
         insert = self._insert(work_t).values(
             {c: sa.bindparam(c, type_=W[c].type) for c in _CREATE_COLUMNS}
         )
@@ -285,10 +307,6 @@ class WorkQueries(LedgerBase):
         now = utcnow()
         key = None if agents is None else tuple(agents)
         stmt = self._claim_statements.get(key)
-        if stmt is None:
-            if len(self._claim_statements) >= 64:  # agent lists come from a few pools
-                self._claim_statements.clear()
-            stmt = self._claim_statements[key] = _claim_statement(self.dialect, key)
         params: dict[str, Any] = {
             "owner": owner,
             "now": now,
@@ -298,7 +316,7 @@ class WorkQueries(LedgerBase):
         }
         if key is not None:
             params.update({f"agent_{i}": a for i, a in enumerate(key)})
-        rows = await self.engines.run_single(lambda conn: conn.execute(stmt, params).all())
+        rows = await self.engines.run_single(lambda conn: stmt.run(conn, params))
         return [
             Claim(
                 work_id=r.id,
@@ -348,8 +366,9 @@ class WorkQueries(LedgerBase):
 
         def tx(conn: Connection) -> None:
             now = utcnow()
-            values = {"result": result, "finished_at": now, "control": None, **RELEASE}
-            fenced_transition(conn, claim, WorkState.SUCCEEDED, "succeeded", values, now)
+            params = {"work_id": claim.work_id, "epoch": claim.epoch, "now": now, "result": result}
+            if _COMPLETE.first(conn, params) is None:
+                raise LeaseLost(claim.work_id, claim.epoch, "could not record succeeded")
             close_open_waits(conn, claim.work_id, now)
             wake_joined_parent(conn, claim.parent_id, claim.work_id, now)
 
@@ -500,7 +519,7 @@ class WorkQueries(LedgerBase):
         return reaped
 
 
-def _claim_statement(dialect: str, agents: tuple[str, ...] | None) -> Any:
+def _claim_statement(dialect: str, agents: tuple[str, ...] | None) -> Prepared:
     """``UPDATE work … RETURNING`` that leases up to ``:limit`` claimable items to ``:owner``.
 
     Bound at execution: ``owner``, ``now``, ``expires``, ``limit``, ``detail`` and one
@@ -539,7 +558,7 @@ def _claim_statement(dialect: str, agents: tuple[str, ...] | None) -> Any:
         # One statement under the write lock: the pick is current. (A ``state`` condition
         # here made SQLite walk every queued row through ``ix_work_updated`` per claim.)
         where = [W.id.in_(picked)]
-    return (
+    return Prepared(
         sa.update(work_t)
         .where(*where)
         .values(
