@@ -9,7 +9,9 @@ transaction by :meth:`Engines.run_write`:
   transactions queued up while it was busy run together in one ``BEGIN IMMEDIATE … COMMIT``,
   each inside its own savepoint, so one that raises is rolled back alone and the others commit
   (one commit and one fsync for the group). Every caller is answered only after the group's
-  ``COMMIT``; a failed ``COMMIT`` fails them all, and nothing of theirs is written;
+  ``COMMIT``; a failed ``COMMIT`` fails them all, and nothing of theirs is written. Urgent
+  transactions (a platform waits for the ack) form groups of their own, taken first and
+  alternating with the others' groups when both wait;
 * PostgreSQL: on a pooled asyncpg connection through ``AsyncConnection.run_sync``.
 
 Reads go through the async engine. Imports only the ledger's dialect modules.
@@ -84,6 +86,8 @@ class Engines:
     _urgent: deque[_Job] = field(default_factory=deque, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _draining: bool = field(default=False, repr=False)
+    #: the last group was urgent transactions: if others wait, they go next
+    _after_urgent: bool = field(default=False, repr=False)
     #: SQLite group commits so far: (transactions committed, groups); for benchmarks
     groups: list[int] = field(default_factory=lambda: [0, 0], repr=False)
 
@@ -95,7 +99,8 @@ class Engines:
     async def run_write(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
         """Run ``fn(connection, *args)`` in a write transaction; return once it committed.
         If ``fn`` raises, nothing it wrote is kept and the exception is raised here. On SQLite,
-        ``urgent`` transactions (a platform waits for the ack) are taken before the others."""
+        ``urgent`` transactions (a platform waits for the ack) commit in groups of their own,
+        taken before the others (alternating with them when both keep coming)."""
         if self.sync_write is not None:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[T] = loop.create_future()
@@ -117,9 +122,13 @@ class Engines:
                 if not self._queue and not self._urgent:
                     self._draining = False
                     return
-                group = [self._urgent.popleft() for _ in range(min(len(self._urgent), MAX_GROUP))]
-                room = MAX_GROUP - len(group)
-                group += [self._queue.popleft() for _ in range(min(len(self._queue), room))]
+                # Someone outside waits on an urgent transaction (an ack): commit those in a
+                # group of their own, not behind the queued ones in the same group; alternate
+                # when both wait, so a flood of urgent ones cannot starve the workers.
+                urgent = bool(self._urgent) and not (self._queue and self._after_urgent)
+                queue = self._urgent if urgent else self._queue
+                self._after_urgent = urgent
+                group = [queue.popleft() for _ in range(min(len(queue), MAX_GROUP))]
             self._commit_group(group)
 
     def _commit_group(self, group: list[_Job]) -> None:

@@ -120,3 +120,45 @@ async def test_a_lone_transaction_that_raises_writes_nothing(sqlite_ledger: Ledg
     with pytest.raises(ValueError, match="changed its mind"):
         await sqlite_ledger.engines.run_write(_insert_then_raise, "solo")
     assert await keys(sqlite_ledger) == set()
+
+
+def _log_group(conn: Connection, name: str, log: list[tuple[str, int]], groups: list[int]) -> str:
+    log.append((name, groups[1]))  # the number of groups committed before this one
+    return name
+
+
+async def test_urgent_transactions_commit_in_their_own_group_first(sqlite_ledger: Ledger) -> None:
+    """An ack waits only for the urgent transactions, not for the workers' queued ones; and
+    when both keep coming, they alternate, so urgent ones cannot starve the others."""
+    eng = sqlite_ledger.engines
+    log: list[tuple[str, int]] = []
+    slow = asyncio.ensure_future(eng.run_write(_slow))
+    await asyncio.sleep(0.05)
+    queued = [eng.run_write(_log_group, f"q{i}", log, eng.groups) for i in range(3)]
+    urgent = [eng.run_write(_log_group, f"u{i}", log, eng.groups, urgent=True) for i in range(2)]
+    tasks = [asyncio.ensure_future(c) for c in [*queued, *urgent]]
+    await asyncio.sleep(0)  # all five are queued while the slow one runs
+    await asyncio.gather(slow, *tasks)
+    group_of = dict(log)
+    assert group_of["u0"] == group_of["u1"]  # together,
+    assert {group_of[f"q{i}"] for i in range(3)} == {group_of["u0"] + 1}  # then the others
+
+    # Urgent ones keep arriving: after an urgent group, the waiting queued ones go next.
+    log.clear()
+    slow = asyncio.ensure_future(eng.run_write(_slow))
+    await asyncio.sleep(0.05)
+    q = asyncio.ensure_future(eng.run_write(_log_group, "q", log, eng.groups))
+    u = asyncio.ensure_future(eng.run_write(_slow_urgent, log, eng.groups, urgent=True))
+    await asyncio.sleep(0.25)  # the slow one is done; the slow urgent one runs now
+    later = asyncio.ensure_future(
+        eng.run_write(_log_group, "u-later", log, eng.groups, urgent=True)
+    )
+    await asyncio.gather(slow, q, u, later)
+    group_of = dict(log)
+    assert group_of["u"] < group_of["q"] < group_of["u-later"]
+
+
+def _slow_urgent(conn: Connection, log: list[tuple[str, int]], groups: list[int]) -> str:
+    log.append(("u", groups[1]))
+    time.sleep(0.2)
+    return "u"
