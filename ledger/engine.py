@@ -88,6 +88,8 @@ class Engines:
     _draining: bool = field(default=False, repr=False)
     #: the last group was urgent transactions: if others wait, they go next
     _after_urgent: bool = field(default=False, repr=False)
+    #: SQLite: checkpoints the WAL off the writer thread (``None`` for in-memory databases)
+    checkpointer: _sqlite.Checkpointer | None = field(default=None, repr=False)
     #: SQLite group commits so far: (transactions committed, groups); for benchmarks
     groups: list[int] = field(default_factory=lambda: [0, 0], repr=False)
 
@@ -155,6 +157,8 @@ class Engines:
                 _end_open_transaction(conn)
         self.groups[0] += len(group)
         self.groups[1] += 1
+        if self.checkpointer is not None:
+            self.checkpointer.wrote()
         for job, (ok, value) in zip(group, outcomes, strict=True):
             with contextlib.suppress(RuntimeError):  # that caller's event loop is closed
                 job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
@@ -177,6 +181,8 @@ class Engines:
     async def dispose(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         if self.sync_write is not None:
             self.sync_write.dispose()
         await self.write.dispose()
@@ -222,9 +228,23 @@ def create_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int
             max_overflow=0,
             pool_reset_on_return=None,
         )
-        _sqlite.configure(sync_write, synchronous=sqlite_synchronous)
+        checkpointer = None
+        if parsed.database and parsed.database != ":memory:":
+            checkpointer = _sqlite.Checkpointer(parsed.database)
+            checkpointer.start()
+        _sqlite.configure(
+            sync_write, synchronous=sqlite_synchronous, autocheckpoint=checkpointer is None
+        )
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-sqlite-writer")
-        return Engines(url, "sqlite", write, read, sync_write=sync_write, _executor=executor)
+        return Engines(
+            url,
+            "sqlite",
+            write,
+            read,
+            sync_write=sync_write,
+            checkpointer=checkpointer,
+            _executor=executor,
+        )
     if parsed.get_backend_name() == "postgresql":
         # LIFO: the connections in use stay hot and skip the idle ping; the spare ones age
         engine = create_async_engine(

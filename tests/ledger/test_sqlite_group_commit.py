@@ -6,6 +6,7 @@ transaction on its own pooled connection)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -162,3 +163,32 @@ def _slow_urgent(conn: Connection, log: list[tuple[str, int]], groups: list[int]
     log.append(("u", groups[1]))
     time.sleep(0.2)
     return "u"
+
+
+async def test_the_wal_is_checkpointed_off_the_writer_thread(sqlite_ledger: Ledger) -> None:
+    """The writer never checkpoints inside a COMMIT (that stalled every queued transaction);
+    the checkpointer thread copies the WAL into the database file instead."""
+    eng = sqlite_ledger.engines
+    assert eng.checkpointer is not None
+
+    def autocheckpoint(conn: Connection) -> int:
+        return conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one()
+
+    assert await eng.run_write(autocheckpoint) == 0
+    blob = "x" * 3000  # about a page a row: well past the default 1,000-page threshold
+    for batch in range(30):
+        await asyncio.gather(*(eng.run_write(_insert, f"b{batch}-{i}{blob}") for i in range(50)))
+    passes = eng.checkpointer.passes
+    for _ in range(100):  # a pass after the last commit
+        if eng.checkpointer.passes > passes:
+            break
+        await asyncio.sleep(0.05)
+    assert eng.checkpointer.passes > passes
+    path = eng.url.split("///", 1)[1]
+    conn = sqlite3.connect(path)
+    try:
+        busy, wal_frames, backfilled = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        conn.close()
+    assert busy == 0 and wal_frames > 1000 and backfilled == wal_frames
+    assert len(await keys(sqlite_ledger)) == 1500
