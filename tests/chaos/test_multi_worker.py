@@ -12,6 +12,7 @@ both workers. A bigger run (knobs: ``TETHER_CHAOS_ITEMS`` for PostgreSQL, defaul
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter
@@ -56,10 +57,16 @@ async def run_shared_queue(
         await p.wait_ready()  # both workers are up before there is work: both get some
 
     started = time.monotonic()
-    ids = [
-        (await ledger.create_work("crash_three", {"effects": str(effects)}, max_attempts=3))[0].id
-        for _ in range(items)
-    ]
+    # All at once (on SQLite they commit in a few groups): created one by one, a single worker
+    # could keep up with the trickle, claiming each the moment its slot freed, while the other
+    # only ever polled an empty queue.
+    made = await asyncio.gather(
+        *(
+            ledger.create_work("crash_three", {"effects": str(effects)}, max_attempts=3)
+            for _ in range(items)
+        )
+    )
+    ids = [work.id for work, _ in made]
     created = time.monotonic() - started
 
     async def all_finished() -> bool:
