@@ -96,7 +96,9 @@ async def test_refill_fires_more_timers_than_are_loaded(ledger: Ledger) -> None:
     assert len(rows) == 100 and timers.fired == 100
     assert {(r.state, r.resolved_by) for r in rows} == {("resolved", "scheduler")}
     late = lateness(rows)
-    assert late[0] >= 0 and late[-1] < 1.0, late[-5:]
+    # Without the early refill the last 90 would wait for the next periodic one, 600 s away;
+    # the bound leaves room for a slow CI machine (it once took 1.8 s on PostgreSQL there).
+    assert late[0] >= 0 and late[-1] < 5.0, late[-5:]
 
 
 async def test_timer_opened_after_start_fires_at_once(ledger: Ledger, db_url: str) -> None:
