@@ -113,12 +113,11 @@ def _finish_statement(key: tuple[tuple[str, ...], bool]) -> Prepared:
     return Prepared(sa.update(outbox_t).where(*cond).values(**sets).returning(O.id))
 
 
-#: a claimed row with its conversation's address
-_CLAIMED_ROW = Prepared(
-    sa.select(outbox_t, C.chat_id, C.thread_id)
-    .select_from(outbox_t.outerjoin(conversation_t, C.id == O.conversation_id))
-    .where(O.id == sa.bindparam("outbox_id"))
+#: claimed rows with their conversation's address
+_CLAIMED = sa.select(outbox_t, C.chat_id, C.thread_id).select_from(
+    outbox_t.outerjoin(conversation_t, C.id == O.conversation_id)
 )
+_CLAIMED_ROW = Prepared(_CLAIMED.where(O.id == sa.bindparam("outbox_id")))
 
 
 class OutboxQueries(LedgerBase):
@@ -157,13 +156,7 @@ class OutboxQueries(LedgerBase):
                 return []
             if len(ids) == 1:
                 return _CLAIMED_ROW.run(conn, {"outbox_id": ids[0]})
-            q = (
-                sa.select(outbox_t, C.chat_id, C.thread_id)
-                .select_from(outbox_t.outerjoin(conversation_t, C.id == O.conversation_id))
-                .where(O.id.in_(ids))
-                .order_by(O.id)
-            )
-            return list(conn.execute(q).all())
+            return list(conn.execute(_CLAIMED.where(O.id.in_(ids)).order_by(O.id)).all())
 
         rows = await self.engines.run_write(tx)
         claimed = []
