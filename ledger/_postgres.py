@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 WORK_CHANNEL = "tether_work"
 #: Channel that tells the owning worker of a pause or cancel request (payload: work id).
 CONTROL_CHANNEL = "tether_control"
-#: seconds :meth:`Listener.start` waits for its first connection
-FIRST_CONNECT_WAIT = 5.0
 #: Channel that tells schedulers a wait with a deadline was opened (payload: wait id).
 WAIT_CHANNEL = "tether_wait"
+#: seconds :meth:`Listener.start` waits for its first connection
+FIRST_CONNECT_WAIT = 5.0
 
 TRIGGERS: list[str] = [
     """
